@@ -1,4 +1,9 @@
-"""The quantizer module: one per weight or activation tensor.
+"""The quantizer module: one per weight or activation tensor (paper Figure 1 / section 2).
+
+It applies eq. (1)-(2) (:mod:`pegq.quant.functional`) with the scale/zero-point shared as the
+granularity says (per-tensor; per-channel; per-embedding and per-embedding-group PEG, eq. 4-5 and
+section 4, :mod:`pegq.quant.granularity`), and ranges from a static range estimator
+(:mod:`pegq.quant.estimators`).
 
 States (:class:`QuantState`):
 
@@ -6,21 +11,31 @@ States (:class:`QuantState`):
   the updated range (so that downstream quantizers see quantized inputs, as at inference);
 * ``FROZEN``     -- fixed range, plain fake-quantization;
 * ``LEARNING``   -- scale and zero-point are ``nn.Parameter``s trained with the rest of the model
-  (LSQ-style gradients through the straight-through estimator), initialised from the current range.
+  (QAT with LSQ-style gradients through the straight-through estimator, Esser et al. 2019),
+  initialised from the current range.
 
-``bits=None`` means "off": the quantizer passes its input through untouched.
+Transitions: ``reset()`` -> ESTIMATING with no range; ``estimate()`` -> ESTIMATING (drops learned
+parameters, keeps the range to continue from); ``freeze()`` -> FROZEN (needs a range or learned
+parameters); ``learn_ranges()`` -> LEARNING (needs a range). ``bits=None`` (or ``"off"``) means
+"off": the quantizer passes its input through untouched in every state.
+
+Bad input raises ``ValueError`` naming the quantizer, the offending value and what is allowed:
+bit-widths outside 2..16, PEG ``K`` not dividing ``d``, a permutation that is not one, empty or
+non-finite tensors during range estimation, a tensor whose layout does not match the estimated
+parameters.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import numbers
 
 import torch
 from torch import nn
 
 from .estimators import RangeEstimator, canonical_estimator
-from .functional import MAX_BITS, MIN_BITS, fake_quant, grid, qparams_from_range
+from .functional import EPS_SCALE, MAX_BITS, MIN_BITS, fake_quant, grid, qparams_from_range
 from .granularity import (
     Granularity,
     PerEmbeddingGroup,
@@ -29,10 +44,20 @@ from .granularity import (
 )
 
 
-class QuantState(str, enum.Enum):
+class QuantState(enum.StrEnum):
     ESTIMATING = "estimating"
     FROZEN = "frozen"
     LEARNING = "learning"
+
+
+def normalize_bits(bits, name: str = "quantizer") -> int | None:
+    """``bits`` as an int in 2..16 or ``None`` (off); ``"off"``/``"none"``/``"fp32"`` mean off."""
+    if bits is None or (isinstance(bits, str) and bits.lower() in ("off", "none", "fp32", "32")):
+        return None
+    if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
+        bits = int(bits)
+    check_bits(bits, name)
+    return bits
 
 
 def check_bits(bits: int | None, name: str) -> None:
@@ -43,6 +68,23 @@ def check_bits(bits: int | None, name: str) -> None:
             f"{name}: bit-width {bits!r} is not allowed; use an integer in "
             f"{MIN_BITS}..{MAX_BITS}, or None/'off' for no quantization"
         )
+
+
+def _check_symmetric(symmetric, name: str) -> bool:
+    if not isinstance(symmetric, bool):
+        raise ValueError(f"{name}: symmetric must be True or False, got {symmetric!r}")
+    return symmetric
+
+
+def _check_granularity(granularity, name: str) -> Granularity:
+    if granularity is None:
+        return PerTensor()
+    if not isinstance(granularity, Granularity):
+        raise ValueError(
+            f"{name}: granularity {granularity!r} is not allowed; use PerTensor(), PerChannel(axis), "
+            f"PerEmbedding() or PerEmbeddingGroup(K, permute)"
+        )
+    return granularity
 
 
 class Quantizer(nn.Module):
@@ -57,12 +99,11 @@ class Quantizer(nn.Module):
         mse_candidates: int = 100,
     ):
         super().__init__()
-        check_bits(bits, name)
         self.name = name
-        self.bits = bits
-        self.symmetric = symmetric
-        self.granularity = granularity or PerTensor()
-        self.estimator = RangeEstimator(canonical_estimator(estimator), momentum, mse_candidates)
+        self.bits = normalize_bits(bits, name)
+        self.symmetric = _check_symmetric(symmetric, name)
+        self.granularity = _check_granularity(granularity, name)
+        self.estimator = RangeEstimator(estimator, momentum, mse_candidates, name=name)
         self.state = QuantState.ESTIMATING
         self.register_buffer("x_min", None)
         self.register_buffer("x_max", None)
@@ -70,6 +111,7 @@ class Quantizer(nn.Module):
         self.register_buffer("group_index", None)
         self.register_parameter("scale_param", None)
         self.register_parameter("zero_param", None)
+        self._qcache = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -79,7 +121,20 @@ class Quantizer(nn.Module):
     def configure(self, bits=..., symmetric=..., granularity=..., estimator=..., momentum=...):
         """Change settings; ranges are reset when anything that shapes them changes."""
         if bits is not ...:
-            check_bits(bits, self.name)
+            bits = normalize_bits(bits, self.name)
+        if symmetric is not ...:
+            symmetric = _check_symmetric(symmetric, self.name)
+        if granularity is not ...:
+            granularity = _check_granularity(granularity, self.name)
+        if estimator is not ... or momentum is not ...:
+            new_est = RangeEstimator(
+                self.estimator.kind if estimator is ... else canonical_estimator_named(estimator, self.name),
+                self.estimator.momentum if momentum is ... else momentum,
+                self.estimator.mse_candidates,
+                name=self.name,
+            )
+        # validated everything: now apply
+        if bits is not ...:
             self.bits = bits
         if symmetric is not ...:
             self.symmetric = symmetric
@@ -88,46 +143,64 @@ class Quantizer(nn.Module):
             self.perm = None
             self.group_index = None
         if estimator is not ... or momentum is not ...:
-            self.estimator = RangeEstimator(
-                canonical_estimator(self.estimator.kind if estimator is ... else estimator),
-                self.estimator.momentum if momentum is ... else momentum,
-                self.estimator.mse_candidates,
-            )
+            self.estimator = new_est
         self.reset()
         return self
 
     def set_permutation(self, perm: torch.Tensor | None) -> None:
-        """Permutation of the embedding dims for a permuted PEG granularity."""
+        """Permutation of the embedding dims for a (permuted) PEG granularity.
+
+        Group ``g`` is ``perm[g*d/K:(g+1)*d/K]``. A different permutation invalidates the range:
+        the quantizer is reset (back to ESTIMATING) when the permutation changes.
+        """
         if perm is None:
+            changed = self.perm is not None
             self.perm = None
             self.group_index = None
+            if changed:
+                self.reset()
             return
         if not isinstance(self.granularity, PerEmbeddingGroup):
             raise ValueError(
                 f"{self.name}: a permutation needs a PEG granularity, not {self.granularity.describe()}"
             )
-        perm = torch.as_tensor(perm, dtype=torch.long).flatten()
-        d = perm.numel()
-        if not torch.equal(torch.sort(perm).values, torch.arange(d)):
+        p = torch.as_tensor(perm)
+        if p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool or p.ndim != 1:
             raise ValueError(
-                f"{self.name}: {perm.tolist()[:8]}... is not a permutation of 0..{d - 1}; "
-                f"pass each embedding index exactly once"
+                f"{self.name}: the permutation must be a 1-D integer tensor, got dtype {p.dtype} and "
+                f"shape {tuple(p.shape)}"
+            )
+        p = p.to(torch.long)
+        d = p.numel()
+        if d == 0 or not torch.equal(torch.sort(p).values, torch.arange(d, device=p.device)):
+            raise ValueError(
+                f"{self.name}: {p.tolist()[:8]}{'...' if d > 8 else ''} is not a permutation of "
+                f"0..{d - 1}; pass each embedding index in 0..{d - 1} exactly once"
             )
         self.granularity.check(d, self.name)
-        self.perm = perm
-        self.group_index = group_index_from_perm(perm, self.granularity.groups)
+        device = self.x_min.device if self.x_min is not None else p.device
+        p = p.to(device)
+        changed = self.perm is None or not torch.equal(self.perm.to(device), p)
+        self.perm = p
+        self.group_index = group_index_from_perm(p, self.granularity.groups)
+        if changed and (self.x_min is not None or self.scale_param is not None):
+            self.reset()
 
     def reset(self) -> None:
-        """Forget the range and return to ESTIMATING."""
+        """Forget the range (and learned parameters) and return to ESTIMATING."""
         self.x_min = None
         self.x_max = None
         self.scale_param = None
         self.zero_param = None
+        self._qcache = None
         self.estimator.reset()
         self.state = QuantState.ESTIMATING
 
     # ------------------------------------------------------------------ state changes
     def estimate(self) -> Quantizer:
+        """(Re-)enter ESTIMATING. Learned parameters are dropped: the estimated range is used."""
+        self.scale_param = None
+        self.zero_param = None
         self.state = QuantState.ESTIMATING
         return self
 
@@ -154,8 +227,8 @@ class Quantizer(nn.Module):
                     f"{self.name}: cannot learn ranges before they are initialised; calibrate first"
                 )
             s, z = qparams_from_range(self.x_min, self.x_max, self.bits, self.symmetric)
-            self.scale_param = nn.Parameter(s.clone())
-            self.zero_param = nn.Parameter(z.clone(), requires_grad=not self.symmetric)
+            self.scale_param = nn.Parameter(s.detach().clone())
+            self.zero_param = nn.Parameter(z.detach().clone(), requires_grad=not self.symmetric)
         else:
             self.scale_param.requires_grad_(True)
             self.zero_param.requires_grad_(not self.symmetric)
@@ -169,7 +242,12 @@ class Quantizer(nn.Module):
             return self.scale_param, self.zero_param
         if self.x_min is None:
             raise ValueError(f"{self.name}: no range estimated yet; calibrate first")
-        return qparams_from_range(self.x_min, self.x_max, self.bits, self.symmetric)
+        c = self._qcache
+        key = (self.bits, self.symmetric, self.x_min._version, self.x_max._version)
+        if c is None or c[0] is not self.x_min or c[1] is not self.x_max or c[2] != key:
+            s, z = qparams_from_range(self.x_min, self.x_max, self.bits, self.symmetric)
+            c = self._qcache = (self.x_min, self.x_max, key, s, z)
+        return c[3], c[4]
 
     @property
     def scale(self) -> torch.Tensor:
@@ -188,21 +266,24 @@ class Quantizer(nn.Module):
         return grid(self.bits, self.symmetric)[1]
 
     # ------------------------------------------------------------------ forward
+    def _check_layout(self, x: torch.Tensor) -> None:
+        g = self.granularity
+        g.check(x.shape, self.name)
+        if self.perm is not None and self.perm.numel() != x.shape[-1]:
+            raise ValueError(
+                f"{self.name}: the permutation has {self.perm.numel()} entries but the tensor's last "
+                f"dim is {x.shape[-1]}; allowed: a tensor with d={self.perm.numel()}"
+            )
+
     def _check_input(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
             raise ValueError(
                 f"{self.name}: got an empty tensor of shape {tuple(x.shape)}; "
                 f"range estimation needs at least one element"
             )
-        if not torch.isfinite(x).all():
-            bad = int((~torch.isfinite(x)).sum())
-            raise ValueError(
-                f"{self.name}: {bad} NaN/inf values seen during range estimation; "
-                f"inputs must be finite (check the model in FP32 first)"
-            )
-        g = self.granularity
-        if isinstance(g, PerEmbeddingGroup):
-            g.check(x.shape[-1], self.name)
+        if x.is_complex() or not x.is_floating_point():
+            raise ValueError(f"{self.name}: expected a floating-point tensor, got {x.dtype}")
+        self._check_layout(x)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return self.granularity.as_rows(x, self.perm)
@@ -210,21 +291,68 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Update the range from one batch (what ESTIMATING does before quantizing)."""
+        if not self.enabled:
+            return
+        x = x.detach()
+        if x.ndim == 0:
+            x = x.reshape(1)
         self._check_input(x)
+        mn, mx = self.granularity.minmax(x, self.perm)
+        if not bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(
+                f"{self.name}: {bad} NaN/inf values seen during range estimation "
+                f"(of {x.numel()}); inputs must be finite (check the model in FP32 first)"
+            )
+        rows = self._rows(x) if self.estimator.kind == "mse" else None
         self.x_min, self.x_max = self.estimator.update(
-            self._rows(x), self.x_min, self.x_max, self.bits, self.symmetric
+            rows, self.x_min, self.x_max, self.bits, self.symmetric, batch_range=(mn, mx)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if x.ndim == 0:
+            return self.forward(x.reshape(1)).reshape(())
         if self.state == QuantState.ESTIMATING:
             self.observe(x)
+        elif x.numel() == 0:
+            return x.clone()
+        else:
+            self._check_layout(x)
         scale, zero = self.qparams()
         g = self.granularity
-        s = g.broadcast(scale, x, self.group_index)
-        z = g.broadcast(zero, x, self.group_index)
-        return fake_quant(x, s.to(x.dtype), z.to(x.dtype), self.qmin, self.qmax)
+        n = g.num_params(x.shape)
+        if scale.numel() != n:
+            raise ValueError(
+                f"{self.name}: has {scale.numel()} scale(s) but a tensor of shape {tuple(x.shape)} "
+                f"needs {n} with {g.describe()}; reset and re-estimate for a new layout"
+            )
+        if self.scale_param is not None:
+            scale = scale.clamp_min(EPS_SCALE)  # learned scales stay positive
+        gi = self.group_index
+        s = g.broadcast(scale, x, gi)
+        z = None if self.symmetric else g.broadcast(zero, x, gi)
+        return fake_quant(x, s, z, self.qmin, self.qmax)
+
+    # ------------------------------------------------------------------ loading
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # Ranges, permutation and learned parameters start as None (not in the state_dict); make
+        # room for them so that a saved quantizer can be loaded into a fresh one.
+        for name in ("x_min", "x_max", "perm", "group_index"):
+            v = state_dict.get(prefix + name)
+            if v is not None and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(v))
+        for name in ("scale_param", "zero_param"):
+            v = state_dict.get(prefix + name)
+            if v is not None and getattr(self, name) is None:
+                setattr(self, name, nn.Parameter(torch.empty_like(v), requires_grad=False))
+        self._qcache = None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ reporting
     def spec(self) -> dict:
@@ -252,3 +380,10 @@ class Quantizer(nn.Module):
         if not self.enabled or self.x_min is None and self.scale_param is None:
             return 0
         return int(math.prod(self.qparams()[0].shape)) * 2
+
+
+def canonical_estimator_named(kind: str, name: str) -> str:
+    try:
+        return canonical_estimator(kind)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None

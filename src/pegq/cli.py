@@ -1,0 +1,315 @@
+"""The `pegq` command line. Every subcommand is a thin layer over pegq's Python API.
+
+Errors a user can fix (a missing path, an unknown preset, a bad override, an existing output...) are
+printed as one line on stderr, with a non-zero exit status, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="pegq",
+    help="Quantize transformer encoders despite their activation outliers "
+    "(Bondarenko et al. 2021): PTQ, mixed precision, per-embedding-group, QAT, int8 export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+MODEL_HELP = "Fine-tuned checkpoint folder (HF save_pretrained) or, with internet, a hub id."
+TASK_HELP = (
+    "Task: rotten_tomatoes, a GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte) "
+    "with --data-dir, or csv with --train-csv/--dev-csv."
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .io import OutputError
+
+    errs: list[type[BaseException]] = [ConfigError, OutputError, FileNotFoundError]
+    try:
+        from .data import DataError
+
+        errs.append(DataError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from .models import ModelError
+
+        errs.append(ModelError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _fail(msg: str, code: int = 2):
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _quiet_transformers() -> None:
+    """Keep transformers' load reports and progress bars out of pegq's output."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _run(fn, *args, **kwargs):
+    """Call ``fn``; a user error becomes one line on stderr and exit status 2."""
+    _quiet_transformers()
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except ValueError as e:  # quantizer / adapter validation errors
+        _fail(str(e).splitlines()[0])
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing half-written was left behind (re-run the same command to resume)", 130)
+
+
+def _task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels):
+    kw = {}
+    if train_csv or dev_csv:
+        kw.update(train_csv=train_csv, dev_csv=dev_csv)
+        if text_columns:
+            kw["text_columns"] = [c.strip() for c in text_columns.split(",")]
+        if label_column:
+            kw["label_column"] = label_column
+        if num_labels is not None:
+            kw["num_labels"] = num_labels
+    return kw
+
+
+# common options
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
+TaskOpt = Annotated[str, typer.Option("--task", "-t", help=TASK_HELP)]
+DataDirOpt = Annotated[
+    str | None, typer.Option("--data-dir", help="GLUE TSV folder or a `datasets` save_to_disk folder.")
+]
+TrainCsv = Annotated[str | None, typer.Option("--train-csv", help="csv task: training file.")]
+DevCsv = Annotated[str | None, typer.Option("--dev-csv", help="csv task: dev file.")]
+TextCols = Annotated[str | None, typer.Option("--text-columns", help="csv task: one or two, comma-separated.")]
+LabelCol = Annotated[str | None, typer.Option("--label-column", help="csv task: label column.")]
+NumLabels = Annotated[int | None, typer.Option("--num-labels", help="csv task: classes (1 = regression).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace results already in --output.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+@app.command()
+def finetune(
+    model: ModelOpt,
+    task: TaskOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for the fine-tuned checkpoint.")],
+    data_dir: DataDirOpt = None,
+    lr: Annotated[float | None, typer.Option(help="Max learning rate (default: paper Table 8).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default: Table 8).")] = None,
+    epochs: Annotated[float, typer.Option(help="Epochs (paper: 3).")] = 3.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    max_train_examples: Annotated[int | None, typer.Option(help="Use only the first N training examples.")] = None,
+    train_csv: TrainCsv = None,
+    dev_csv: DevCsv = None,
+    text_columns: TextCols = None,
+    label_column: LabelCol = None,
+    num_labels: NumLabels = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+):
+    """FP32 fine-tuning (appendix B.1): AdamW, linear decay to zero, max length 128; writes an HF checkpoint."""
+    from .data import load_task
+    from .pipeline import dev_loader
+    from .train import FinetuneConfig
+    from .train import finetune as _finetune
+
+    def job():
+        t = load_task(task, data_dir=data_dir, **_task_kwargs(train_csv, dev_csv, text_columns, label_column,
+                                                              num_labels))
+        cfg = FinetuneConfig(learning_rate=lr, batch_size=batch_size, epochs=epochs, seed=seed,
+                             max_train_examples=max_train_examples)
+        info = _finetune(model, t, output, cfg, progress=not quiet, overwrite=overwrite)
+        from .api import evaluate
+        from .models import load_model
+
+        m, tok = load_model(output, num_labels=t.spec.num_labels)
+        score = evaluate(m, dev_loader(t, tok), t.spec, progress=not quiet, desc="FP32 dev eval")
+        info["dev"] = score
+        from .io import atomic_write_json
+
+        atomic_write_json(Path(output) / "pegq_finetune.json", info)
+        console.print(
+            f"fine-tuned {t.spec.name}: dev {score['metric']} = {score['score']:.2f} "
+            f"({info['train_seconds']:.0f} s) -> {output}"
+        )
+
+    _run(job)
+
+
+@app.command()
+def ptq(
+    model: ModelOpt,
+    task: TaskOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for results.json.")],
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Preset name or a JSON/YAML config file.")] = "w8a8",
+    override: Annotated[
+        list[str] | None,
+        typer.Option("--override", help="PATTERN=TOKENS, e.g. 'encoder.layer.*.ffn.residual_sum=a16'. Repeatable."),
+    ] = None,
+    weight_estimator: Annotated[str | None, typer.Option(help="minmax | mse")] = None,
+    act_estimator: Annotated[str | None, typer.Option(help="minmax | running | mse")] = None,
+    calib_batch_size: Annotated[int | None, typer.Option(help="Calibration batch size (B.2: 1, 4, 16).")] = None,
+    calib_batches: Annotated[int | None, typer.Option(help="Number of calibration batches.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Calibration sampling seed.")] = None,
+    data_dir: DataDirOpt = None,
+    max_eval_examples: Annotated[int | None, typer.Option(help="Score only the first N dev examples.")] = None,
+    train_csv: TrainCsv = None,
+    dev_csv: DevCsv = None,
+    text_columns: TextCols = None,
+    label_column: LabelCol = None,
+    num_labels: NumLabels = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+):
+    """Post-training quantization: calibrate, then score FP32 and quantized on the dev split."""
+    from .pipeline import config_from_cli, results_table, run_ptq
+
+    def job():
+        cfg = config_from_cli(preset, weight_estimator, act_estimator, calib_batch_size, calib_batches, seed)
+        r = run_ptq(model, task, cfg, output, overrides=override, data_dir=data_dir,
+                    max_eval_examples=max_eval_examples, overwrite=overwrite, progress=not quiet,
+                    task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels))
+        console.print(results_table([r]))
+        console.print(f"results -> {Path(output) / 'results.json'}")
+
+    _run(job)
+
+
+@app.command("eval")
+def eval_(
+    model: ModelOpt,
+    task: TaskOpt,
+    data_dir: DataDirOpt = None,
+    max_eval_examples: Annotated[int | None, typer.Option(help="Score only the first N dev examples.")] = None,
+    train_csv: TrainCsv = None,
+    dev_csv: DevCsv = None,
+    text_columns: TextCols = None,
+    label_column: LabelCol = None,
+    num_labels: NumLabels = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a sentence.")] = False,
+    quiet: Quiet = False,
+):
+    """Score a checkpoint (FP32) on the task's dev split."""
+    from .api import evaluate
+    from .pipeline import dev_loader, load_task_and_model
+
+    def job():
+        t, m, tok = load_task_and_model(model, task, data_dir,
+                                        **_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels))
+        s = evaluate(m, dev_loader(t, tok, max_examples=max_eval_examples), t.spec, progress=not quiet)
+        if json_out:
+            print(json.dumps(s, indent=2))
+        else:
+            console.print(f"{t.spec.name}: {s['metric']} = {s['score']:.2f}")
+
+    _run(job)
+
+
+_EST_SHORT = {"current_minmax": "minmax", "running_minmax": "running", "mse": "mse"}
+
+
+def _short_settings(q) -> str:
+    if not q.enabled:
+        return "off"
+    return f"{q.bits}b {'sym' if q.symmetric else 'asym'} {q.granularity.describe()} {_EST_SHORT[q.estimator.kind]}"
+
+
+@app.command("list-quantizers")
+def list_quantizers(
+    model: ModelOpt,
+    preset: Annotated[
+        str | None, typer.Option("--preset", "-p", help="Show each quantizer's settings under this preset.")
+    ] = None,
+    override: Annotated[list[str] | None, typer.Option("--override", help="PATTERN=TOKENS, repeatable.")] = None,
+    pattern: Annotated[str | None, typer.Option("--filter", help="Glob over names, e.g. '*.ffn.*'.")] = None,
+    num_labels: Annotated[int, typer.Option(help="Classes of the classification head (1 = regression).")] = 2,
+):
+    """Print every quantizer's stable name (Figure 1 of the paper) and its settings."""
+    import fnmatch
+
+    from rich.table import Table
+
+    from .api import quantize
+    from .config import resolve_config
+    from .models import describe_quantizers, load_model, wrap
+
+    def job():
+        cfg = resolve_config(preset).with_overrides(list(override or [])) if preset else None
+        m, _ = load_model(model, num_labels=num_labels)
+        qm = quantize(m, cfg) if cfg else wrap(m)
+        rows = describe_quantizers(qm)
+        t = Table(title=f"{Path(model).name}: {qm.family}, {qm.num_layers} layers, d={qm.hidden_size}")
+        t.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
+        for c in ("kind", "shape", "settings"):
+            t.add_column(c, overflow="fold")
+        shown = 0
+        for r in rows:
+            if pattern and not fnmatch.fnmatchcase(r["name"], pattern):
+                continue
+            shown += 1
+            t.add_row(r["name"], "act" if r["kind"] == "activation" else r["kind"],
+                      "x".join(map(str, r.get("shape") or ())), _short_settings(qm.quantizers[r["name"]]))
+        console.print(t)
+        n_a = sum(r["kind"] == "activation" for r in rows)
+        console.print(f"{len(rows)} quantizers: {n_a} activation, {len(rows) - n_a} weight ({shown} shown)")
+
+    _run(job)
+
+
+@app.command()
+def demo(
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for results.json.")] = "runs/demo",
+    epochs: Annotated[float, typer.Option(help="Fine-tuning epochs if no cached checkpoint exists.")] = 3.0,
+    preset: Annotated[list[str] | None, typer.Option("--preset", "-p", help="Presets to run (repeatable).")] = None,
+    quiet: Quiet = False,
+):
+    """The main job on the embedded default: fine-tune real MiniLM on rotten_tomatoes (cached), then
+    score FP32 against each quantization preset."""
+    from .demo import DEFAULT_PRESETS, run_demo
+
+    _run(run_demo, output, tuple(preset) if preset else DEFAULT_PRESETS, epochs, not quiet)
+
+
+@app.command()
+def presets():
+    """List the named presets."""
+    from rich.table import Table
+
+    from .config import PRESETS, get_preset
+
+    t = Table(title="pegq presets")
+    t.add_column("name")
+    t.add_column("description")
+    for n in PRESETS:
+        t.add_row(n, get_preset(n).description)
+    console.print(t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="pegq")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

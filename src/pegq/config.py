@@ -1,0 +1,379 @@
+"""Typed quantization config: dataclasses that round-trip JSON/YAML, named presets, overrides.
+
+A :class:`QuantConfig` says how every quantizer of a wrapped model is set:
+
+* ``weights``     -- defaults for every ``*.weight`` quantizer (symmetric, per-tensor, min-max);
+* ``embeddings``  -- defaults for the embedding tables (``embeddings.*.weight``); ``None`` = as weights;
+* ``activations`` -- defaults for every activation quantizer (asymmetric, per-tensor, running min-max);
+* ``overrides``   -- applied in order to the quantizers whose name matches a glob pattern;
+* ``calibration`` -- batch size, number of batches and the seed of calibration sampling (paper B.2).
+
+Override grammar (one string, parsed by :func:`parse_override`, never ``eval``)::
+
+    PATTERN=TOKEN[,TOKEN...]
+
+PATTERN is a glob over quantizer names (``*`` matches anything, dots included; ``?`` one char;
+``[...]`` a set), e.g. ``encoder.layer.*.ffn.residual_sum`` or ``encoder.layer.1[01].*``.
+TOKENs, case-insensitive:
+
+=====================  ==========================================================
+``off``                no quantization (FP32 pass-through)
+``a16`` ``w4`` ``8``   bit-width (the ``a``/``w`` prefix is only for readability)
+``tensor``             per-tensor granularity
+``channel[AXIS]``      per-channel (default axis 0)
+``emb``/``embedding``  per-embedding (last dim, paper eq. 4)
+``peg<K>``             per-embedding-group with K groups (eq. 5); ``peg<K>p`` adds the
+                       range-based permutation
+``minmax`` ``running`` ``mse``  range estimator (current min-max, running min-max, MSE)
+``sym`` ``asym``       symmetric / asymmetric grid
+=====================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .quant.estimators import canonical_estimator
+from .quant.functional import MAX_BITS, MIN_BITS
+from .quant.granularity import (
+    Granularity,
+    PerChannel,
+    PerEmbedding,
+    PerEmbeddingGroup,
+    PerTensor,
+)
+
+GRANULARITIES = ("tensor", "channel", "embedding", "peg")
+
+
+class ConfigError(ValueError):
+    """A config, preset or override that cannot be used (the message says how to fix it)."""
+
+
+@dataclass
+class QuantizerSettings:
+    bits: int | None = 8
+    symmetric: bool = False
+    granularity: str = "tensor"
+    axis: int = 0
+    groups: int = 1
+    permute: bool = False
+    estimator: str = "current_minmax"
+    momentum: float = 0.9
+
+    def __post_init__(self):
+        if self.bits is not None and (
+            isinstance(self.bits, bool) or not isinstance(self.bits, int)
+            or not MIN_BITS <= self.bits <= MAX_BITS
+        ):
+            raise ConfigError(f"bits={self.bits!r} is not allowed; use {MIN_BITS}..{MAX_BITS} or null (off)")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"granularity {self.granularity!r} is unknown; allowed: {', '.join(GRANULARITIES)}"
+            )
+        try:
+            self.estimator = canonical_estimator(self.estimator)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.granularity == "peg" and self.groups < 1:
+            raise ConfigError(f"PEG needs groups >= 1, got {self.groups}")
+
+    def make_granularity(self) -> Granularity:
+        if self.granularity == "tensor":
+            return PerTensor()
+        if self.granularity == "channel":
+            return PerChannel(self.axis)
+        if self.granularity == "embedding":
+            return PerEmbedding()
+        return PerEmbeddingGroup(self.groups, self.permute)
+
+    def short(self) -> str:
+        if self.bits is None:
+            return "off"
+        g = {"tensor": "tensor", "channel": f"channel{self.axis}", "embedding": "emb"}.get(
+            self.granularity, f"peg{self.groups}{'p' if self.permute else ''}"
+        )
+        return f"{self.bits}b,{'sym' if self.symmetric else 'asym'},{g},{self.estimator}"
+
+
+@dataclass
+class Override:
+    """Settings changed on every quantizer whose name matches ``pattern``; unset fields stay."""
+
+    pattern: str
+    bits: int | None | str = "keep"  # "keep" = unchanged; None = off
+    symmetric: bool | None = None
+    granularity: str | None = None
+    axis: int | None = None
+    groups: int | None = None
+    permute: bool | None = None
+    estimator: str | None = None
+
+    def apply(self, s: QuantizerSettings) -> QuantizerSettings:
+        changes: dict[str, Any] = {}
+        if self.bits != "keep":
+            changes["bits"] = self.bits
+        for f in ("symmetric", "granularity", "axis", "groups", "permute", "estimator"):
+            v = getattr(self, f)
+            if v is not None:
+                changes[f] = v
+        return dataclasses.replace(s, **changes)
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+    def text(self) -> str:
+        toks = []
+        if self.bits != "keep":
+            toks.append("off" if self.bits is None else str(self.bits))
+        if self.granularity == "peg":
+            toks.append(f"peg{self.groups}{'p' if self.permute else ''}")
+        elif self.granularity == "channel":
+            toks.append(f"channel{self.axis or 0}")
+        elif self.granularity == "embedding":
+            toks.append("emb")
+        elif self.granularity == "tensor":
+            toks.append("tensor")
+        if self.estimator:
+            toks.append({"current_minmax": "minmax", "running_minmax": "running"}.get(
+                self.estimator, self.estimator))
+        if self.symmetric is not None:
+            toks.append("sym" if self.symmetric else "asym")
+        return f"{self.pattern}={','.join(toks)}"
+
+
+_BITS_RE = re.compile(r"^[aw]?(\d+)b?$")
+_PEG_RE = re.compile(r"^peg(\d+)(p?)$")
+_CHANNEL_RE = re.compile(r"^channel(\d*)$")
+
+
+def parse_override(text: str) -> Override:
+    """Parse ``PATTERN=TOKEN[,TOKEN...]`` (see the module docstring)."""
+    if text.count("=") != 1:
+        raise ConfigError(
+            f"override {text!r} must look like PATTERN=TOKENS, e.g. "
+            f"'encoder.layer.*.ffn.residual_sum=a16' or '...=off' or '...=peg6p'"
+        )
+    pattern, spec = (p.strip() for p in text.split("="))
+    if not pattern:
+        raise ConfigError(f"override {text!r} has an empty pattern before '='")
+    tokens = [t.strip().lower() for t in spec.split(",") if t.strip()]
+    if not tokens:
+        raise ConfigError(f"override {text!r} has nothing after '='; e.g. a16, off, peg6p, mse")
+    o = Override(pattern=pattern)
+    for t in tokens:
+        if t == "off":
+            o.bits = None
+        elif m := _BITS_RE.match(t):
+            b = int(m.group(1))
+            if not MIN_BITS <= b <= MAX_BITS:
+                raise ConfigError(f"override {text!r}: bit-width {b} not in {MIN_BITS}..{MAX_BITS}")
+            o.bits = b
+        elif t == "tensor":
+            o.granularity = "tensor"
+        elif t in ("emb", "embedding"):
+            o.granularity = "embedding"
+        elif m := _PEG_RE.match(t):
+            o.granularity, o.groups, o.permute = "peg", int(m.group(1)), bool(m.group(2))
+            if o.groups < 1:
+                raise ConfigError(f"override {text!r}: PEG needs at least 1 group")
+        elif m := _CHANNEL_RE.match(t):
+            o.granularity, o.axis = "channel", int(m.group(1) or 0)
+        elif t in ("sym", "symmetric"):
+            o.symmetric = True
+        elif t in ("asym", "asymmetric"):
+            o.symmetric = False
+        else:
+            try:
+                o.estimator = canonical_estimator(t)
+            except ValueError:
+                raise ConfigError(
+                    f"override {text!r}: unknown token {t!r}; allowed: off, a<bits>/w<bits>, tensor, "
+                    f"channel[AXIS], emb, peg<K>[p], minmax, running, mse, sym, asym"
+                ) from None
+    return o
+
+
+@dataclass
+class CalibrationConfig:
+    batch_size: int = 1
+    num_batches: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.num_batches < 1:
+            raise ConfigError(
+                f"calibration needs batch_size >= 1 and num_batches >= 1, got "
+                f"{self.batch_size} x {self.num_batches}"
+            )
+
+
+def _weights_default() -> QuantizerSettings:
+    return QuantizerSettings(bits=8, symmetric=True, estimator="current_minmax")
+
+
+def _acts_default() -> QuantizerSettings:
+    return QuantizerSettings(bits=8, symmetric=False, estimator="running_minmax")
+
+
+@dataclass
+class QuantConfig:
+    name: str = "custom"
+    description: str = ""
+    weights: QuantizerSettings = field(default_factory=_weights_default)
+    activations: QuantizerSettings = field(default_factory=_acts_default)
+    embeddings: QuantizerSettings | None = None
+    overrides: list[Override] = field(default_factory=list)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    # ---------------------------------------------------------------- resolution
+    def settings_for(self, name: str, is_weight: bool) -> QuantizerSettings:
+        if is_weight:
+            base = self.weights
+            if self.embeddings is not None and name.startswith("embeddings.") and name.endswith(".weight"):
+                base = self.embeddings
+        else:
+            base = self.activations
+        s = dataclasses.replace(base)
+        for o in self.overrides:
+            if o.matches(name):
+                s = o.apply(s)
+        return s
+
+    def resolve(self, names_weight: dict[str, bool]) -> dict[str, QuantizerSettings]:
+        """Settings per quantizer name; ``names_weight`` maps name -> is-weight.
+
+        Raises :class:`ConfigError` for an override pattern that matches nothing, listing close names.
+        """
+        names = list(names_weight)
+        for o in self.overrides:
+            if not any(o.matches(n) for n in names):
+                close = difflib.get_close_matches(o.pattern, names, n=5, cutoff=0.5)
+                hint = f"; close names: {', '.join(close)}" if close else "; see `pegq list-quantizers`"
+                raise ConfigError(f"override pattern {o.pattern!r} matches no quantizer{hint}")
+        return {n: self.settings_for(n, w) for n, w in names_weight.items()}
+
+    def with_overrides(self, texts: list[str]) -> QuantConfig:
+        c = dataclasses.replace(self, overrides=list(self.overrides) + [parse_override(t) for t in texts])
+        return c
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; allowed: {sorted(known)}")
+        try:
+            for key in ("weights", "activations"):
+                if key in d:
+                    d[key] = QuantizerSettings(**d[key])
+            if d.get("embeddings") is not None:
+                d["embeddings"] = QuantizerSettings(**d["embeddings"])
+            if "calibration" in d:
+                d["calibration"] = CalibrationConfig(**d["calibration"])
+            if "overrides" in d:
+                d["overrides"] = [
+                    parse_override(o) if isinstance(o, str) else Override(**o) for o in d["overrides"]
+                ]
+        except TypeError as e:
+            raise ConfigError(f"bad config: {e}") from None
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantConfig:
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> QuantConfig:
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass a .json/.yaml file or a preset name")
+        text = p.read_text()
+        return cls.from_yaml(text) if p.suffix in (".yaml", ".yml") else cls.from_json(text)
+
+
+# --------------------------------------------------------------------------- presets
+def _preset_w8a8() -> QuantConfig:
+    return QuantConfig(
+        name="w8a8",
+        description="8-bit per-tensor weights (symmetric, min-max) and activations (asymmetric, "
+        "running min-max over 16 single-sequence batches): the paper's W8A8 PTQ baseline",
+    )
+
+
+def _preset_w8a32() -> QuantConfig:
+    c = _preset_w8a8()
+    c.name, c.description = "w8a32", "8-bit weights only (activations FP32)"
+    c.activations = dataclasses.replace(c.activations, bits=None)
+    return c
+
+
+def _preset_w32a8() -> QuantConfig:
+    c = _preset_w8a8()
+    c.name, c.description = "w32a8", "8-bit activations only (weights FP32)"
+    c.weights = dataclasses.replace(c.weights, bits=None)
+    return c
+
+
+def _preset_fp32() -> QuantConfig:
+    c = _preset_w8a8()
+    c.name, c.description = "fp32", "nothing quantized (reference)"
+    c.weights = dataclasses.replace(c.weights, bits=None)
+    c.activations = dataclasses.replace(c.activations, bits=None)
+    return c
+
+
+PRESETS: dict[str, Any] = {
+    "fp32": _preset_fp32,
+    "w8a8": _preset_w8a8,
+    "w8a32": _preset_w8a32,
+    "w32a8": _preset_w32a8,
+}
+
+
+def register_preset(name: str, factory) -> None:
+    PRESETS[name] = factory
+
+
+def get_preset(name: str) -> QuantConfig:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def resolve_config(preset_or_path: str | QuantConfig) -> QuantConfig:
+    """A preset name, a JSON/YAML file path, or a QuantConfig."""
+    if isinstance(preset_or_path, QuantConfig):
+        return preset_or_path
+    s = str(preset_or_path)
+    if s.endswith((".json", ".yaml", ".yml")) or Path(s).is_file():
+        return QuantConfig.load(s)
+    return get_preset(s)

@@ -1,0 +1,85 @@
+"""Safe output: atomic file writes, atomic checkpoint directories, output-dir guards.
+
+Nothing pegq writes is ever half-written: files go to a temporary name in the same directory and are
+``os.replace``-d into place; checkpoints are written into a temporary sibling directory that is
+renamed when complete. Input files are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class OutputError(ValueError):
+    """An output location that cannot be used (message says how to fix it)."""
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` only if the block completes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool, marker: str = "results.json") -> Path:
+    """Create ``path``; refuse if it already holds ``marker`` unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output path {str(path)!r} exists and is not a directory; choose another --output")
+    if (path / marker).exists() and not overwrite:
+        raise OutputError(
+            f"{str(path / marker)!r} already exists; pass --overwrite to replace it or choose another --output"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,148 @@
+"""Granularities: per-tensor, per-channel, per-embedding, PEG (paper eq. 4-5, section 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pegq.quant import (
+    PerChannel,
+    PerEmbedding,
+    PerEmbeddingGroup,
+    PerTensor,
+    Quantizer,
+    granularity_from_dict,
+    group_index_from_perm,
+    range_permutation,
+)
+
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+
+
+def _x(shape, seed=0, outlier_dim=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    if outlier_dim is not None:
+        x[..., outlier_dim] *= 30
+    return x
+
+
+def _q(gran, bits=8, sym=False, perm=None, name="q"):
+    q = Quantizer(name, bits=bits, symmetric=sym, granularity=gran)
+    if perm is not None:
+        q.set_permutation(perm)
+    return q
+
+
+shape_st = st.lists(st.integers(1, 6), min_size=1, max_size=4)
+
+
+@SETTINGS
+@given(shape=shape_st, data=st.data(), bits=st.integers(2, 16), sym=st.booleans())
+def test_per_channel_equals_per_tensor_slice_by_slice(shape, data, bits, sym):
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    x = _x(shape, seed=len(shape) + axis)
+    y = _q(PerChannel(axis), bits, sym)(x)
+    for i in range(x.shape[axis]):
+        xi = x.select(axis, i)
+        yi = _q(PerTensor(), bits, sym)(xi)
+        assert torch.equal(y.select(axis, i), yi)
+
+
+@SETTINGS
+@given(lead=st.lists(st.integers(1, 5), min_size=1, max_size=3), d=st.sampled_from([1, 2, 6, 12]),
+       bits=st.integers(2, 16), sym=st.booleans())
+def test_peg_k1_is_per_tensor_and_kd_is_per_embedding(lead, d, bits, sym):
+    x = _x([*lead, d], seed=d)
+    assert torch.equal(_q(PerEmbeddingGroup(1), bits, sym)(x), _q(PerTensor(), bits, sym)(x))
+    assert torch.equal(_q(PerEmbeddingGroup(d), bits, sym)(x), _q(PerEmbedding(), bits, sym)(x))
+
+
+def test_per_embedding_equals_per_channel_last_axis():
+    x = _x((3, 7, 12), outlier_dim=5)
+    assert torch.equal(_q(PerEmbedding())(x), _q(PerChannel(-1))(x))
+
+
+@SETTINGS
+@given(k_and_d=st.sampled_from([(1, 6), (2, 6), (3, 12), (4, 12), (6, 24), (12, 12)]),
+       seed=st.integers(0, 1000), sym=st.booleans())
+def test_permuted_peg_equals_peg_on_permuted_input(k_and_d, seed, sym):
+    k, d = k_and_d
+    x = _x((2, 5, d), seed=seed, outlier_dim=seed % d)
+    perm = torch.randperm(d, generator=torch.Generator().manual_seed(seed))
+    inv = torch.argsort(perm)
+    y_perm = _q(PerEmbeddingGroup(k, permute=True), 8, sym, perm=perm)(x)
+    y_ref = _q(PerEmbeddingGroup(k), 8, sym)(x[..., perm])[..., inv]
+    assert torch.equal(y_perm, y_ref)
+
+
+def test_peg_groups_use_separate_ranges():
+    # outlier dim 0 in group 0 only: group 1's scale is unaffected by it
+    x = _x((4, 8))
+    x[:, 0] *= 100
+    q = _q(PerEmbeddingGroup(2))
+    q(x)
+    s = q.scale
+    assert s[0] > 20 * s[1]
+    q1 = _q(PerTensor())
+    q1(x)
+    assert torch.allclose(q1.scale, s[0])
+
+
+def test_range_based_permutation_groups_outliers_together():
+    x = _x((4, 16, 12))
+    for dim in (2, 7, 9):
+        x[..., dim] *= 50
+    mn, mx = PerEmbedding().minmax(x)
+    perm = range_permutation(mn, mx)
+    assert sorted(perm.tolist()) == list(range(12))
+    assert set(perm[-3:].tolist()) == {2, 7, 9}  # the 3 largest ranges form the last group of K=4
+    assert torch.equal(range_permutation(mx - mn), perm)
+    q = _q(PerEmbeddingGroup(4, permute=True), perm=perm)
+    q(x)
+    assert q.scale[-1] > 10 * q.scale[:-1].max()
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 100))
+def test_minmax_matches_rows(shape, seed):
+    x = _x(shape, seed=seed)
+    d = shape[-1]
+    perm = torch.randperm(d, generator=torch.Generator().manual_seed(seed))
+    grans = [(PerTensor(), None), (PerEmbedding(), None), (PerEmbeddingGroup(1), perm),
+             (PerEmbeddingGroup(d), None), (PerEmbeddingGroup(d), perm)]
+    grans += [(PerChannel(a), None) for a in range(-len(shape), len(shape))]
+    for g, p in grans:
+        rows = g.as_rows(x, p)
+        assert rows.shape[0] == g.num_params(x.shape)
+        mn, mx = g.minmax(x, p)
+        assert torch.equal(mn, rows.amin(1)) and torch.equal(mx, rows.amax(1)), g
+
+
+def test_group_index_from_perm():
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    idx = group_index_from_perm(perm, 3)
+    # group 0 = dims {3, 0}, group 1 = {5, 1}, group 2 = {4, 2}
+    assert idx.tolist() == [0, 1, 2, 0, 2, 1]
+    with pytest.raises(ValueError, match="K=4"):
+        group_index_from_perm(perm, 4)
+
+
+@pytest.mark.parametrize("g", [PerTensor(), PerChannel(0), PerChannel(-2), PerEmbedding(),
+                               PerEmbeddingGroup(6), PerEmbeddingGroup(6, permute=True)])
+def test_to_from_dict(g):
+    assert granularity_from_dict(g.to_dict()) == g
+    hash(g)
+
+
+def test_bad_granularity_arguments():
+    with pytest.raises(ValueError, match="positive integer"):
+        PerEmbeddingGroup(0)
+    with pytest.raises(ValueError, match="positive integer"):
+        PerEmbeddingGroup(2.5)
+    with pytest.raises(ValueError, match="integer"):
+        PerChannel(1.0)
+    with pytest.raises(ValueError, match="allowed: tensor, channel, embedding, peg"):
+        granularity_from_dict({"kind": "rows"})

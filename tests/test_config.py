@@ -1,0 +1,120 @@
+import json
+
+import pytest
+
+from pegq.config import (
+    PRESETS,
+    ConfigError,
+    QuantConfig,
+    QuantizerSettings,
+    get_preset,
+    parse_override,
+)
+from pegq.quant import PerChannel, PerEmbedding, PerEmbeddingGroup, PerTensor
+
+NAMES = {
+    "embeddings.word.weight": True,
+    "embeddings.sum": False,
+    "encoder.layer.0.attn.query": False,
+    "encoder.layer.0.attn.query.weight": True,
+    "encoder.layer.0.ffn.residual_sum": False,
+    "encoder.layer.1.ffn.residual_sum": False,
+    "encoder.layer.10.ffn.residual_sum": False,
+    "encoder.layer.11.ffn.output": False,
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_round_trip_json_and_yaml(name):
+    c = get_preset(name)
+    assert QuantConfig.from_json(c.to_json()) == c
+    assert QuantConfig.from_yaml(c.to_yaml()) == c
+    json.loads(c.to_json())
+
+
+def test_w8a8_defaults_follow_the_paper():
+    c = get_preset("w8a8")
+    s = c.resolve(NAMES)
+    w, a = s["encoder.layer.0.attn.query.weight"], s["encoder.layer.0.attn.query"]
+    assert (w.bits, w.symmetric, w.granularity) == (8, True, "tensor")
+    assert (a.bits, a.symmetric, a.granularity, a.estimator) == (8, False, "tensor", "running_minmax")
+    assert get_preset("w8a32").resolve(NAMES)["embeddings.sum"].bits is None
+    assert get_preset("w32a8").resolve(NAMES)["embeddings.word.weight"].bits is None
+
+
+@pytest.mark.parametrize(
+    "text, bits, gran, groups, permute, est",
+    [
+        ("encoder.layer.*.ffn.residual_sum=a16", 16, None, None, None, None),
+        ("x=off", None, None, None, None, None),
+        ("x=peg6p", "keep", "peg", 6, True, None),
+        ("x=peg3", "keep", "peg", 3, False, None),
+        ("x=W4,MSE", 4, None, None, None, "mse"),
+        ("x=emb,running", "keep", "embedding", None, None, "running_minmax"),
+        ("x=channel1,minmax", "keep", "channel", None, None, "current_minmax"),
+    ],
+)
+def test_override_grammar(text, bits, gran, groups, permute, est):
+    o = parse_override(text)
+    assert o.bits == bits
+    assert o.granularity == gran
+    assert o.groups == groups
+    assert o.permute == permute
+    assert o.estimator == est
+    assert parse_override(o.text()) == o
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["no-equals", "a=b=c", "=a16", "x=", "x=a17", "x=a1", "x=banana", "x=__import__('os')"],
+)
+def test_bad_overrides_are_errors(text):
+    with pytest.raises(ConfigError):
+        parse_override(text)
+
+
+def test_overrides_apply_in_order_and_glob_crosses_dots():
+    c = get_preset("w8a8").with_overrides(["encoder.layer.*.ffn.residual_sum=a16", "encoder.layer.1?.*=off"])
+    s = c.resolve(NAMES)
+    assert s["encoder.layer.0.ffn.residual_sum"].bits == 16
+    assert s["encoder.layer.1.ffn.residual_sum"].bits == 16
+    assert s["encoder.layer.10.ffn.residual_sum"].bits is None
+    assert s["encoder.layer.11.ffn.output"].bits is None
+    assert s["encoder.layer.0.attn.query"].bits == 8
+
+
+def test_pattern_matching_nothing_lists_close_names():
+    c = get_preset("w8a8").with_overrides(["encoder.layer.*.ffn.residual_summ=a16"])
+    with pytest.raises(ConfigError, match="close names: .*ffn.residual_sum"):
+        c.resolve(NAMES)
+
+
+def test_settings_make_granularity_types():
+    assert QuantizerSettings(granularity="tensor").make_granularity() == PerTensor()
+    assert QuantizerSettings(granularity="channel", axis=1).make_granularity() == PerChannel(1)
+    assert QuantizerSettings(granularity="embedding").make_granularity() == PerEmbedding()
+    assert QuantizerSettings(granularity="peg", groups=6, permute=True).make_granularity() == PerEmbeddingGroup(6, True)
+
+
+def test_bad_config_values():
+    with pytest.raises(ConfigError):
+        QuantizerSettings(bits=1)
+    with pytest.raises(ConfigError):
+        QuantizerSettings(granularity="blocks")
+    with pytest.raises(ConfigError):
+        QuantizerSettings(estimator="percentile")
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        QuantConfig.from_dict({"nme": "x"})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("w8a9")
+
+
+def test_config_file_load(tmp_path):
+    c = get_preset("w8a8").with_overrides(["encoder.layer.*.ffn.residual_sum=a16"])
+    p = tmp_path / "c.yaml"
+    p.write_text(c.to_yaml())
+    before = p.read_text()
+    assert QuantConfig.load(p) == c
+    assert p.read_text() == before
+    with pytest.raises(ConfigError, match="does not exist"):
+        QuantConfig.load(tmp_path / "missing.json")
