@@ -110,17 +110,32 @@ def predict(
     progress: bool = True,
     desc: str = "evaluating",
     device: str | torch.device = "cpu",
+    trim: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels over a loader."""
+    """Logits and labels over a loader. ``trim``: drop all-padding columns of each batch (exactly
+    equivalent unless a quantizer is still estimating ranges, in which case nothing is trimmed)."""
+    from .train import trim_batch
+
     model.eval()
     logits, labels = [], []
     with parametrize.cached():  # quantize each weight once, not once per batch
         for b in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            # Cut the batch to its longest sequence: with frozen quantizers (element-wise, fixed
+            # ranges) and masked attention, the real tokens' outputs do not depend on the padding.
+            if trim and not _estimating(model):
+                b = trim_batch(b)
             out = model(**model_inputs(_to_device(b, device)))
             lg = out.logits if hasattr(out, "logits") else out[0]
             logits.append(lg.float().cpu())
             labels.append(b["labels"].cpu())
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def _estimating(model) -> bool:
+    qs = getattr(model, "quantizers", None)
+    if not isinstance(qs, dict):
+        return False
+    return any(q.enabled and q.state == "estimating" for q in qs.values())
 
 
 def evaluate(model, loader, task, progress: bool = True, desc: str = "evaluating", device="cpu") -> dict:

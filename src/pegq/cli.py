@@ -117,6 +117,9 @@ def finetune(
     epochs: Annotated[float, typer.Option(help="Epochs (paper: 3).")] = 3.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     max_train_examples: Annotated[int | None, typer.Option(help="Use only the first N training examples.")] = None,
+    head_only: Annotated[bool, typer.Option(
+        "--head-only", help="Train only the classification head on cached encoder features (fast on a CPU; "
+        "not the paper's set-up; default lr 1e-3, batch 32).")] = False,
     train_csv: TrainCsv = None,
     dev_csv: DevCsv = None,
     text_columns: TextCols = None,
@@ -135,8 +138,10 @@ def finetune(
         t = load_task(task, data_dir=data_dir, **_task_kwargs(train_csv, dev_csv, text_columns, label_column,
                                                               num_labels))
         cfg = FinetuneConfig(learning_rate=lr, batch_size=batch_size, epochs=epochs, seed=seed,
-                             max_train_examples=max_train_examples)
+                             max_train_examples=max_train_examples, head_only=head_only)
         info = _finetune(model, t, output, cfg, progress=not quiet, overwrite=overwrite)
+        if info.get("main_process") is False:  # `accelerate launch`: the main process evaluates and reports
+            return
         from .api import evaluate
         from .models import load_model
 
@@ -176,19 +181,137 @@ def ptq(
     text_columns: TextCols = None,
     label_column: LabelCol = None,
     num_labels: NumLabels = None,
+    adaround: Annotated[bool, typer.Option("--adaround", help="Learn the rounding of every Linear weight "
+                                           "(AdaRound, paper Table 7) after calibration.")] = False,
+    adaround_iters: Annotated[int, typer.Option(help="AdaRound iterations per layer (paper: 10^4).")] = 10_000,
+    adaround_samples: Annotated[int, typer.Option(help="AdaRound calibration sequences (paper: 1024).")] = 1024,
+    adaround_batch_rows: Annotated[int, typer.Option(help="AdaRound token rows per iteration.")] = 1024,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ):
     """Post-training quantization: calibrate, then score FP32 and quantized on the dev split."""
     from .pipeline import config_from_cli, results_table, run_ptq
+    from .size import size_text
 
     def job():
         cfg = config_from_cli(preset, weight_estimator, act_estimator, calib_batch_size, calib_batches, seed)
+        ada = None
+        if adaround:
+            from .adaround_model import AdaRoundRun
+            from .quant.adaround import AdaRoundConfig
+
+            ada = AdaRoundRun(num_samples=adaround_samples, seed=cfg.calibration.seed,
+                              layer=AdaRoundConfig(iters=adaround_iters, batch_rows=adaround_batch_rows))
         r = run_ptq(model, task, cfg, output, overrides=override, data_dir=data_dir,
                     max_eval_examples=max_eval_examples, overwrite=overwrite, progress=not quiet,
-                    task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels))
+                    task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels),
+                    adaround=ada)
         console.print(results_table([r]))
+        console.print(size_text(r["size"]))
         console.print(f"results -> {Path(output) / 'results.json'}")
+
+    _run(job)
+
+
+@app.command()
+def loo(
+    model: ModelOpt,
+    task: TaskOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for loo.json and loo.md.")],
+    sweep_kind: Annotated[
+        str | None, typer.Option("--sweep-kind", help="Also leave this kind in FP32 one layer at a time, "
+                                 "e.g. ffn.residual_sum.")
+    ] = None,
+    kind: Annotated[
+        list[str] | None, typer.Option("--kind", help="Only these kinds (repeatable; default: every kind).")
+    ] = None,
+    last_layers: Annotated[
+        int, typer.Option(help="Row for the FFN residual sum of the last N layers only (0: none).")
+    ] = 2,
+    seed: Annotated[list[int] | None, typer.Option("--seed", help="Calibration seeds (repeatable).")] = None,
+    bits: Annotated[int, typer.Option(help="Activation bit-width.")] = 8,
+    act_estimator: Annotated[str, typer.Option(help="minmax | running | mse")] = "minmax",
+    calib_batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 1,
+    calib_batches: Annotated[int, typer.Option(help="Number of calibration batches.")] = 1,
+    data_dir: DataDirOpt = None,
+    max_eval_examples: Annotated[int | None, typer.Option(help="Score only the first N dev examples.")] = None,
+    trim_padding: Annotated[
+        bool, typer.Option(help="Score length-sorted dev batches cut to their longest sequence (same logits).")
+    ] = True,
+    train_csv: TrainCsv = None,
+    dev_csv: DevCsv = None,
+    text_columns: TextCols = None,
+    label_column: LabelCol = None,
+    num_labels: NumLabels = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+):
+    """Leave-one-out (paper Table 2): weights FP32, all activations 8-bit, then one quantizer kind at a time
+    left in FP32. Resumable: re-run the same command after an interruption."""
+    from .loo import leave_one_out, loo_table
+
+    def job():
+        r = leave_one_out(model, task, output, kinds=list(kind) if kind else None, sweep_kind=sweep_kind,
+                          last_layers=last_layers, seeds=list(seed) if seed else [0], bits=bits,
+                          estimator=act_estimator, calib_batch_size=calib_batch_size, calib_batches=calib_batches,
+                          data_dir=data_dir, max_eval_examples=max_eval_examples, trim_padding=trim_padding,
+                          overwrite=overwrite, progress=not quiet,
+                          task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels))
+        console.print(loo_table(r))
+        console.print(f"results -> {Path(output) / 'loo.json'} and {Path(output) / 'loo.md'}")
+
+    _run(job)
+
+
+@app.command()
+def qat(
+    model: ModelOpt,
+    task: TaskOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for the quantized checkpoint and "
+                                        "results.json (`pegq eval -m` loads it).")],
+    preset: Annotated[str, typer.Option("--preset", "-p", help="qat-w8a8, qat-w4a8, qat-w4a8-e2, any preset "
+                                        "or a JSON/YAML config: the PTQ setup QAT starts from.")] = "qat-w8a8",
+    override: Annotated[list[str] | None, typer.Option("--override", help="PATTERN=TOKENS, repeatable.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Max learning rate (default: Tables 10/11).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size per process (default: Tables 10/11).")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs (default: Tables 10/11, 3 or 6).")] = None,
+    attn_dropout: Annotated[float | None, typer.Option(help="Self-attention dropout rate (Table 10's D; "
+                                                       "default: the checkpoint's).")] = None,
+    warmup_ratio: Annotated[float, typer.Option(help="Linear warm-up share of the steps.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed (data order, dropout).")] = 0,
+    max_train_examples: Annotated[int | None, typer.Option(help="Use only the first N training examples.")] = None,
+    no_lsq_grad_scale: Annotated[bool, typer.Option("--no-lsq-grad-scale",
+                                                    help="Do not scale range gradients by 1/sqrt(N*Qp).")] = False,
+    data_dir: DataDirOpt = None,
+    max_eval_examples: Annotated[int | None, typer.Option(help="Score only the first N dev examples.")] = None,
+    train_csv: TrainCsv = None,
+    dev_csv: DevCsv = None,
+    text_columns: TextCols = None,
+    label_column: LabelCol = None,
+    num_labels: NumLabels = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+):
+    """Quantization-aware training: calibrate (PTQ init), then learn weights and every range jointly
+    (AdamW, 10% warm-up, linear decay); writes a quantized checkpoint. Resumable; runs under
+    `accelerate launch` unchanged."""
+    from .config import resolve_config
+    from .qat import QATConfig, qat_table
+    from .qat import qat as _qat
+    from .size import size_text
+
+    def job():
+        hp = QATConfig(learning_rate=lr, batch_size=batch_size, epochs=epochs, attn_dropout=attn_dropout,
+                       warmup_ratio=warmup_ratio, seed=seed, max_train_examples=max_train_examples,
+                       lsq_grad_scale=not no_lsq_grad_scale)
+        r = _qat(model, task, resolve_config(preset), output, hparams=hp, overrides=override, data_dir=data_dir,
+                 max_eval_examples=max_eval_examples, overwrite=overwrite, progress=not quiet,
+                 task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels))
+        if r.get("main_process") is False:
+            return
+        console.print(qat_table([r]))
+        console.print(size_text(r["size"]))
+        console.print(f"checkpoint + results -> {output}")
 
     _run(job)
 
@@ -207,13 +330,15 @@ def eval_(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a sentence.")] = False,
     quiet: Quiet = False,
 ):
-    """Score a checkpoint (FP32) on the task's dev split."""
+    """Score a checkpoint on the task's dev split: FP32, or quantized as saved by `pegq qat`."""
     from .api import evaluate
     from .pipeline import dev_loader, load_task_and_model
+    from .qat import is_quantized_checkpoint, load_task_and_quantized
 
     def job():
-        t, m, tok = load_task_and_model(model, task, data_dir,
-                                        **_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels))
+        load = load_task_and_quantized if is_quantized_checkpoint(model) else load_task_and_model
+        t, m, tok = load(model, task, data_dir,
+                         **_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels))
         s = evaluate(m, dev_loader(t, tok, max_examples=max_eval_examples), t.spec, progress=not quiet)
         if json_out:
             print(json.dumps(s, indent=2))
@@ -275,6 +400,41 @@ def list_quantizers(
 
 
 @app.command()
+def analyze(
+    model: ModelOpt,
+    task: TaskOpt,
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder for stats.json, figures and report.html.")],
+    num_sequences: Annotated[int, typer.Option("--num-sequences", "-n", help="First N dev sequences.")] = 64,
+    layer: Annotated[int | None, typer.Option(help="Layer of the per-token and attention figures.")] = None,
+    head: Annotated[int | None, typer.Option(help="Head of the attention figures.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    data_dir: DataDirOpt = None,
+    train_csv: TrainCsv = None,
+    dev_csv: DevCsv = None,
+    text_columns: TextCols = None,
+    label_column: LabelCol = None,
+    num_labels: NumLabels = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+):
+    """Outlier diagnosis of the FP32 model (paper section 3): statistics, figures and an HTML report."""
+    from .analysis import run_analysis
+    from .data import load_task
+
+    def job():
+        t = load_task(task, data_dir=data_dir,
+                      **_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels))
+        dev = t.dev[:num_sequences]
+        sentences = list(dev.text_a) if dev.text_b is None else list(zip(dev.text_a, dev.text_b, strict=True))
+        res = run_analysis(model, None, sentences, output, num_sequences=num_sequences, layer=layer,
+                           head=head, batch_size=batch_size, overwrite=overwrite, console=not quiet,
+                           progress=not quiet)
+        console.print(f"report -> {res['files']['report']}")
+
+    _run(job)
+
+
+@app.command()
 def demo(
     output: Annotated[str, typer.Option("--output", "-o", help="Folder for results.json.")] = "runs/demo",
     epochs: Annotated[float, typer.Option(help="Fine-tuning epochs if no cached checkpoint exists.")] = 3.0,
@@ -301,6 +461,12 @@ def presets():
     for n in PRESETS:
         t.add_row(n, get_preset(n).description)
     console.print(t)
+
+
+# `pegq export onnx|packed` lives in src/pegq/export/cli.py
+from .export.cli import export_app  # noqa: E402
+
+app.add_typer(export_app, name="export")
 
 
 def main(argv: list[str] | None = None) -> None:

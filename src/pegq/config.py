@@ -26,7 +26,35 @@ TOKENs, case-insensitive:
                        range-based permutation
 ``minmax`` ``running`` ``mse``  range estimator (current min-max, running min-max, MSE)
 ``sym`` ``asym``       symmetric / asymmetric grid
+``optional``           no error when the pattern matches no quantizer (e.g. a head
+                       that only some families have); by default that is an error
 =====================  ==========================================================
+
+Presets (``pegq presets``; a preset name goes wherever a config path does):
+
+* ``fp32``, ``w8a8``, ``w8a32``, ``w32a8`` -- Table 1 (W8A8 = running min-max over 16 sequences).
+* PTQ cures, paper section 5 setup (weights 8-bit per-tensor min-max; activations 8-bit asymmetric,
+  current min-max from ONE calibration sequence):
+
+  ==============  =====================================================================  ===========
+  preset          what changes from ``peg-1``                                            paper row
+  ==============  =====================================================================  ===========
+  ``peg-1``       nothing: per-tensor everywhere                                         T4/T5 W8A8
+  ``mp-ptq-res``  FFN residual sum (``ffn.residual_sum``) 16-bit                         T4 MP-PTQ*
+  ``mp-ptq-ffn``  + FFN input (``attn.layernorm``) and output (``ffn.output``) 16-bit    T4 *+
+  ``mp-ptq``      + final output: ``pooler``/``classifier.dense`` 16-bit, logits         T4 *+$
+                  (``classifier.output``) 16-bit with the MSE estimator
+  ``peg-d-all``   per-embedding ranges on every token activation (not the softmax       T5 K=d
+                  in/output, not the head: pooler/logits have one vector per sequence)
+  ``peg-d``       per-embedding on FFN input, output and residual sum only              T5 K=d FFN
+  ``peg-6``       PEG K=6 on the same three tensors (``peg-3``: K=3)                     T5
+  ``peg-6p``      PEG K=6 + range-based permutation shared per layer (``peg-3p``: K=3)   T5 +P
+  ``peg-ptq``     = ``peg-6p``                                                           T6 PEG-PTQ
+  ==============  =====================================================================  ===========
+
+  On BERT-base (161 activation quantizers) ``mp-ptq-res``/``mp-ptq-ffn``/``mp-ptq`` keep 12/36/38 of
+  them at 16 bits; the paper's "36 of 161" is ``mp-ptq-ffn``, its best setup on the classification
+  tasks (``mp-ptq`` adds the pooler and the logits, the STS-B setup of the paper's code).
 """
 
 from __future__ import annotations
@@ -115,6 +143,7 @@ class Override:
     groups: int | None = None
     permute: bool | None = None
     estimator: str | None = None
+    optional: bool = False  # a preset's pattern that may match nothing on some families (no error)
 
     def apply(self, s: QuantizerSettings) -> QuantizerSettings:
         changes: dict[str, Any] = {}
@@ -146,6 +175,8 @@ class Override:
                 self.estimator, self.estimator))
         if self.symmetric is not None:
             toks.append("sym" if self.symmetric else "asym")
+        if self.optional:
+            toks.append("optional")
         return f"{self.pattern}={','.join(toks)}"
 
 
@@ -190,13 +221,15 @@ def parse_override(text: str) -> Override:
             o.symmetric = True
         elif t in ("asym", "asymmetric"):
             o.symmetric = False
+        elif t == "optional":
+            o.optional = True
         else:
             try:
                 o.estimator = canonical_estimator(t)
             except ValueError:
                 raise ConfigError(
                     f"override {text!r}: unknown token {t!r}; allowed: off, a<bits>/w<bits>, tensor, "
-                    f"channel[AXIS], emb, peg<K>[p], minmax, running, mse, sym, asym"
+                    f"channel[AXIS], emb, peg<K>[p], minmax, running, mse, sym, asym, optional"
                 ) from None
     return o
 
@@ -254,7 +287,7 @@ class QuantConfig:
         """
         names = list(names_weight)
         for o in self.overrides:
-            if not any(o.matches(n) for n in names):
+            if not o.optional and not any(o.matches(n) for n in names):
                 close = difflib.get_close_matches(o.pattern, names, n=5, cutoff=0.5)
                 hint = f"; close names: {', '.join(close)}" if close else "; see `pegq list-quantizers`"
                 raise ConfigError(f"override pattern {o.pattern!r} matches no quantizer{hint}")
@@ -355,6 +388,117 @@ PRESETS: dict[str, Any] = {
     "w8a32": _preset_w8a32,
     "w32a8": _preset_w32a8,
 }
+
+
+# ============================================================================ PTQ cures (issue 4)
+# Mixed-precision PTQ (paper Table 4) and per-embedding(-group) PTQ (Tables 5 and 6). All of them share
+# the paper's section-5 PTQ setup: 8-bit symmetric per-tensor min-max weights, 8-bit asymmetric
+# activations with current min-max ranges "from a single input sequence" (calibration 1 x 1; the seed
+# picks the sequence). `peg-1` is that setup with nothing cured: the "W8A8 PTQ" / "1 (=per-tensor)" row.
+# The FFN tensors are named as in the BERT-style adapters (bert, roberta, mpnet, distilbert); on
+# MobileBERT they reach the last FFN of each layer's stack only (docs/architecture.md, "PTQ cures").
+FFN_INPUT = "encoder.layer.*.attn.layernorm"
+FFN_OUTPUT = "encoder.layer.*.ffn.output"
+FFN_RESIDUAL_SUM = "encoder.layer.*.ffn.residual_sum"
+FFN_TENSORS = (FFN_INPUT, FFN_OUTPUT, FFN_RESIDUAL_SUM)
+# "final output" (Table 4, double dagger): the head's activations -- the pooler (BERT) or the dense layer
+# of a RoBERTa-style head, and the logits with the MSE range estimator; optional because a bare encoder
+# has no logits and RoBERTa-style models no pooler.
+FINAL_OUTPUT = ("pooler=a16,optional", "classifier.dense=a16,optional", "classifier.output=a16,mse,optional")
+
+
+def _cures_base(name: str, description: str, overrides: list[str] | tuple[str, ...] = ()) -> QuantConfig:
+    c = _preset_w8a8()
+    c.name, c.description = name, description
+    c.activations = dataclasses.replace(c.activations, estimator="current_minmax")
+    c.calibration = CalibrationConfig(batch_size=1, num_batches=1)
+    c.overrides = [parse_override(o) for o in overrides]
+    return c
+
+
+def _ffn(tokens: str) -> list[str]:
+    return [f"{p}={tokens}" for p in FFN_TENSORS]
+
+
+_CURES: dict[str, tuple[str, list[str]]] = {
+    "peg-1": ("Table 4/5 baseline: W8A8 per-tensor, current min-max on one calibration sequence", []),
+    "mp-ptq-res": ("MP-PTQ* (Table 4): as peg-1, FFN residual sums in 16 bits", [f"{FFN_RESIDUAL_SUM}=a16"]),
+    "mp-ptq-ffn": ("MP-PTQ*+ (Table 4): as mp-ptq-res, plus FFN input and output in 16 bits", _ffn("a16")),
+    "mp-ptq": ("MP-PTQ*+$ (Table 4): as mp-ptq-ffn, plus the final output (pooler/head, logits with MSE) in "
+               "16 bits", _ffn("a16") + list(FINAL_OUTPUT)),
+    "peg-d-all": ("Table 5, K=d: per-embedding ranges for every token activation (softmax input/output: "
+                  "last dim is a key position, and the head: one vector per sequence, stay per-tensor)",
+                  ["encoder.layer.*.attn.scores=tensor", "encoder.layer.*.attn.probs=tensor",
+                   "pooler=tensor,optional", "classifier.dense=tensor,optional",
+                   "classifier.output=tensor,optional"]),
+    "peg-d": ("Table 5, K=d (only FFN): per-embedding ranges for FFN input, output and residual sum",
+              _ffn("emb")),
+    "peg-6": ("Table 5: PEG with K=6 groups on FFN input, output and residual sum", _ffn("peg6")),
+    "peg-3": ("Table 5: PEG with K=3 groups on FFN input, output and residual sum", _ffn("peg3")),
+    "peg-3p": ("Table 5: as peg-3 with the range-based permutation (shared per layer)", _ffn("peg3p")),
+    "peg-6p": ("Table 5: as peg-6 with the range-based permutation (shared per layer)", _ffn("peg6p")),
+    "peg-ptq": ("PEG-PTQ (Table 6): K=6 with range-based permutation on FFN input, output and residual "
+                "sum (= peg-6p)", _ffn("peg6p")),
+}
+
+
+def _cure_factory(name: str):
+    def factory() -> QuantConfig:
+        description, overrides = _CURES[name]
+        c = _cures_base(name, description, overrides)
+        if name == "peg-d-all":
+            c.activations = dataclasses.replace(c.activations, granularity="embedding")
+        return c
+
+    factory.__name__ = f"_preset_{name.replace('-', '_')}"
+    return factory
+
+
+PRESETS.update({name: _cure_factory(name) for name in _CURES})
+# ============================================================================ end PTQ cures
+
+
+# ============================================================================ low-bit and QAT (issue 6)
+# Paper section 5 and Table 7: below 8 bits, weights and token embeddings always use the MSE range
+# estimator. "Token embeddings" = the word-embedding table (`embeddings.word.weight`, every family); the
+# position and token-type tables follow the weights. The qat-* presets are the PTQ setups QAT starts
+# from (`pegq qat` calibrates with them, then learns every range jointly with the weights); used with
+# `pegq ptq` they are plain PTQ. W4A32 AdaRound = `pegq ptq -p w4a32 --adaround`.
+TOKEN_EMBEDDINGS = "embeddings.word.weight"
+
+_LOW_BIT: dict[str, tuple[str, int, int | None, int | None]] = {
+    # name: (description, weight bits, activation bits (None = FP32), token-embedding bits)
+    "w6a32": ("Table 7 W6A32 PTQ: 6-bit weights and embeddings (MSE ranges), activations FP32", 6, None, None),
+    "w4a32": ("Table 7 W4A32 PTQ: 4-bit weights and embeddings (MSE ranges), activations FP32; "
+              "add --adaround for W4A32 AdaRound", 4, None, None),
+    "w8a32-e6": ("Table 12: 8-bit weights, 6-bit token embeddings (MSE), activations FP32", 8, None, 6),
+    "w8a32-e4": ("Table 12: 8-bit weights, 4-bit token embeddings (MSE), activations FP32", 8, None, 4),
+    "w8a32-e2": ("Table 12: 8-bit weights, 2-bit token embeddings (MSE), activations FP32", 8, None, 2),
+    "qat-w8a8": ("Table 6 W8A8 QAT (pegq qat): starts from the W8A8 PTQ setup (weights min-max, "
+                 "activations running min-max over 16 sequences)", 8, 8, None),
+    "qat-w4a8": ("Table 7 W4A8 QAT (pegq qat): 4-bit weights and embeddings (MSE init), 8-bit activations",
+                 4, 8, None),
+    "qat-w4a8-e2": ("Table 7 W4A8 QAT with 2-bit token embeddings (MSE init)", 4, 8, 2),
+}
+
+
+def _low_bit_factory(name: str):
+    def factory() -> QuantConfig:
+        description, w_bits, a_bits, e_bits = _LOW_BIT[name]
+        c = _preset_w8a8()
+        c.name, c.description = name, description
+        c.weights = dataclasses.replace(c.weights, bits=w_bits, estimator="mse" if w_bits < 8 else "current_minmax")
+        c.activations = dataclasses.replace(c.activations, bits=a_bits)
+        if e_bits is not None:
+            c.overrides = [parse_override(f"{TOKEN_EMBEDDINGS}={e_bits},mse")]
+        return c
+
+    factory.__name__ = f"_preset_{name.replace('-', '_')}"
+    return factory
+
+
+PRESETS.update({name: _low_bit_factory(name) for name in _LOW_BIT})
+# ============================================================================ end low-bit and QAT
 
 
 def register_preset(name: str, factory) -> None:

@@ -7,7 +7,9 @@ dev split. Results go to ``<output>/results.json`` (atomically) and a table is p
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 DEFAULT_PRESETS = ("w8a32", "w32a8", "w8a8")
@@ -51,13 +53,22 @@ def run_demo(output: str | Path = "runs/demo", presets=DEFAULT_PRESETS, epochs: 
     from .pipeline import results_table, run_ptq
 
     ckpt = finetuned_minilm(epochs, progress)
+    # each finished preset is kept in <output>/.partial/ so that an interrupted demo resumes there
+    partial = Path(output) / ".partial"
     rows, fp32 = [], None
     for p in presets:
-        r = run_ptq(str(ckpt), "rotten_tomatoes", p, progress=progress, fp32_score=fp32)
+        done = partial / f"{p}.json"
+        r = json.loads(done.read_text()) if done.exists() else None
+        if r is None or r.get("model") != str(ckpt):
+            r = run_ptq(str(ckpt), "rotten_tomatoes", p, progress=progress, fp32_score=fp32)
+            atomic_write_json(done, r)
+        else:
+            print(f"{p}: reusing the result of the interrupted run ({done})")
         fp32 = r["fp32"]
         rows.append(r)
     Console().print(results_table(rows, title="MiniLM-L6 on rotten_tomatoes (dev, 853 sentences)"))
     out = {"checkpoint": str(ckpt), "results": rows}
     atomic_write_json(Path(output) / "results.json", out)
+    shutil.rmtree(partial, ignore_errors=True)
     print(f"results -> {Path(output) / 'results.json'}")
     return out

@@ -21,6 +21,13 @@ class OutputError(ValueError):
     """An output location that cannot be used (message says how to fix it)."""
 
 
+def _umask_mode(default: int) -> int:
+    """``default`` masked by the process umask (mkstemp/mkdtemp create 0600/0700 otherwise)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return default & ~mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +37,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -58,6 +66,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _umask_mode(0o777))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():

@@ -17,6 +17,7 @@ from .api import calibrate, evaluate, quantize, quantizer_summary
 from .config import QuantConfig, resolve_config
 from .io import atomic_write_json, prepare_output_dir
 from .peg import quantizers_off
+from .size import model_size
 
 
 def load_task_and_model(model_dir: str, task_name: str, data_dir: str | None = None, **task_kwargs):
@@ -59,7 +60,10 @@ def run_ptq(
     progress: bool = True,
     fp32_score: dict | None = None,
     task_kwargs: dict | None = None,
+    adaround=None,
 ) -> dict:
+    """``adaround``: a :class:`pegq.adaround_model.AdaRoundRun` to learn the weights' rounding after
+    calibration (``pegq ptq --adaround``; resumable through ``<output>/.adaround-state``)."""
     if output_dir is not None:
         out = prepare_output_dir(output_dir, overwrite)
     cfg = resolve_config(config)
@@ -78,10 +82,17 @@ def run_ptq(
     t0 = time.perf_counter()
     batches = calibration_batches(task, tokenizer, cfg)
     timings.update(calibrate(qm, batches, progress=progress))
+    adaround_info = None
+    if adaround is not None:  # issue 6: AdaRound on every Linear weight (pegq.adaround_model)
+        from .adaround_model import run_adaround
+
+        adaround_info = run_adaround(qm, task, tokenizer, adaround, batches,
+                                     out if output_dir is not None else None, progress)
     t1 = time.perf_counter()
     q_score = evaluate(qm, loader, task.spec, progress=progress, desc=f"{cfg.name} eval")
     timings["quant_eval_s"] = time.perf_counter() - t1
     timings["ptq_total_s"] = time.perf_counter() - t0
+    summary = quantizer_summary(qm)
     result = {
         "task": task.spec.name,
         "metric": q_score.get("metric"),
@@ -93,14 +104,31 @@ def run_ptq(
         "quantized_score": q_score["score"],
         "delta": q_score["score"] - fp32_score["score"],
         "dev_examples": len(loader.dataset),
-        "quantizers": quantizer_summary(qm),
+        "quantizers": summary,
+        **a16_share(summary),
         "config": cfg.to_dict(),
         "timings": timings,
         "torch_threads": torch.get_num_threads(),
+        "size": model_size(qm),  # issue 6: memory vs FP32 (pegq.size)
     }
+    if adaround_info is not None:
+        result["config_name"] = f"{cfg.name}+adaround"
+        result["adaround"] = adaround_info
     if output_dir is not None:
         atomic_write_json(Path(out) / "results.json", result)
+        if adaround_info is not None:
+            from .adaround_model import clear_state
+
+            clear_state(out)
     return result
+
+
+def a16_share(summary: dict) -> dict:
+    """``{"a16_count": n, "a16_share": n / total}``: activation quantizers kept at 16 bits (paper section 5:
+    36 of 161 on BERT-base for MP-PTQ), from :func:`pegq.api.quantizer_summary`."""
+    total = int(summary["activation_quantizers"])
+    n = int(summary["activation_bits"].get("16", 0))
+    return {"a16_count": n, "a16_share": n / total if total else 0.0}
 
 
 def results_table(rows: list[dict], title: str = "pegq results"):
@@ -108,8 +136,8 @@ def results_table(rows: list[dict], title: str = "pegq results"):
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("task", "metric", "config", "FP32", "quantized", "delta"):
-        t.add_column(col, justify="right" if col in ("FP32", "quantized", "delta") else "left")
+    for col in ("task", "metric", "config", "FP32", "quantized", "delta", "A16"):
+        t.add_column(col, justify="right" if col in ("FP32", "quantized", "delta", "A16") else "left")
     for r in rows:
         t.add_row(
             r["task"],
@@ -118,8 +146,17 @@ def results_table(rows: list[dict], title: str = "pegq results"):
             f"{r['fp32_score']:.2f}",
             f"{r['quantized_score']:.2f}",
             f"{r['delta']:+.2f}",
+            _a16_text(r),
         )
     return t
+
+
+def _a16_text(r: dict) -> str:
+    """``"36/161 (22%)"``: activation quantizers at 16 bits; ``"-"`` for results without the count."""
+    q = r.get("quantizers") or {}
+    if "a16_count" not in r or not q.get("activation_quantizers"):
+        return "-"
+    return f"{r['a16_count']}/{q['activation_quantizers']} ({100 * r['a16_share']:.0f}%)"
 
 
 def config_from_cli(preset: str, weight_estimator: str | None, act_estimator: str | None,

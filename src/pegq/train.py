@@ -8,6 +8,11 @@ checkpoint with its tokenizer, written atomically, plus ``train_log.json``.
 
 Resuming: a run that is interrupted leaves ``<output>.partial-state/`` holding the last finished epoch
 (model + optimizer + scheduler); the same command picks it up and does not redo finished epochs.
+
+Scale-out: :func:`make_accelerator` hands :func:`train_loop` an ``accelerate.Accelerator`` under a
+multi-process launcher (``accelerate launch``/``torchrun``) or with a CUDA device, so fine-tuning and QAT
+run data-parallel unchanged; on a plain CPU run there is none and the loop is the plain PyTorch loop
+(``docs/architecture.md``, "Scale-out").
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ TABLE8 = {
     "rotten_tomatoes": (2e-5, 16),
 }
 
+HEAD_ONLY_LR = 1e-3  # a freshly initialised head on frozen features needs a far larger step than 2e-5
+
 
 @dataclass
 class FinetuneConfig:
@@ -51,9 +58,14 @@ class FinetuneConfig:
     seed: int = 0
     max_train_examples: int | None = None
     grad_clip: float = 1.0
+    #: train only the classification head on cached encoder features (the encoder stays as loaded).
+    #: Not the paper's set-up: for CPU-only machines where full fine-tuning of a base model takes hours.
+    head_only: bool = False
 
     def resolved(self, task_name: str) -> FinetuneConfig:
         lr, bs = TABLE8.get(task_name, TABLE8["sst2"])
+        if self.head_only:
+            lr, bs = HEAD_ONLY_LR, 32
         c = FinetuneConfig(**asdict(self))
         c.learning_rate = self.learning_rate or lr
         c.batch_size = self.batch_size or bs
@@ -64,6 +76,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def make_accelerator():
+    """An ``accelerate.Accelerator`` when there is something to accelerate, else ``None`` (plain loop).
+
+    Used when the process was started by ``accelerate launch``/``torchrun`` with several processes
+    (``WORLD_SIZE`` > 1) or a CUDA device is present; ``PEGQ_ACCELERATE=1``/``0`` forces it on/off. On a
+    CPU-only machine without a launcher the loop runs exactly as without accelerate.
+    """
+    import os
+
+    force = os.environ.get("PEGQ_ACCELERATE")
+    if force is not None:
+        want = force.strip().lower() not in ("0", "false", "no", "off", "")
+    else:
+        want = int(os.environ.get("WORLD_SIZE", "1")) > 1 or torch.cuda.is_available()
+    if not want:
+        return None
+    from accelerate import Accelerator
+
+    # without CUDA, several processes run data-parallel on the CPU (gloo)
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def is_main_process(accelerator) -> bool:
+    return accelerator is None or accelerator.is_main_process
 
 
 def trim_batch(batch: dict) -> dict:
@@ -104,13 +142,19 @@ def train_loop(
     steps_per_epoch = len(train_loader)
     total = max(1, math.ceil(epochs * steps_per_epoch))
     sched = get_linear_schedule_with_warmup(optim, int(warmup_ratio * total), total)
+    plain = model
     if accelerator is not None:
+        # the schedule stays in single-process steps (accelerate steps it once per process); each process
+        # sees 1/N of every epoch, so the loop counts its own (sharded) steps
         model, optim, train_loader, sched = accelerator.prepare(model, optim, train_loader, sched)
+        steps_per_epoch = len(train_loader)
+        total = max(1, math.ceil(epochs * steps_per_epoch))
+    main = is_main_process(accelerator)
     log: list[dict] = []
     start_epoch = 0
     if state_dir is not None and (state_dir / "state.pt").exists():
-        st = torch.load(state_dir / "state.pt", weights_only=False)
-        model.load_state_dict(st["model"])
+        st = torch.load(state_dir / "state.pt", weights_only=False, map_location="cpu")
+        plain.load_state_dict(st["model"])
         optim.load_state_dict(st["optim"])
         sched.load_state_dict(st["sched"])
         torch.set_rng_state(st["rng"])
@@ -120,7 +164,7 @@ def train_loop(
     n_epochs = math.ceil(epochs)
     model.train()
     for epoch in range(start_epoch, n_epochs):
-        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{n_epochs}", disable=not progress)
+        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{n_epochs}", disable=not (progress and main))
         running = 0.0
         for i, batch in enumerate(bar):
             if step >= total:
@@ -133,7 +177,10 @@ def train_loop(
             else:
                 loss.backward()
             if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                if accelerator is not None:
+                    accelerator.clip_grad_norm_(params, grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optim.step()
             sched.step()
             optim.zero_grad(set_to_none=True)
@@ -142,11 +189,11 @@ def train_loop(
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             if step % 50 == 0 or step == total:
                 log.append({"step": step, "epoch": epoch, "loss": float(loss.item())})
-        if state_dir is not None and step < total:
+        if state_dir is not None and step < total and main:
             with atomic_dir(state_dir) as tmp:
                 torch.save(
                     {
-                        "model": model.state_dict(),
+                        "model": plain.state_dict(),
                         "optim": optim.state_dict(),
                         "sched": sched.state_dict(),
                         "rng": torch.get_rng_state(),
@@ -155,6 +202,8 @@ def train_loop(
                     },
                     tmp / "state.pt",
                 )
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
     model.eval()
     return log
 
@@ -186,8 +235,10 @@ def finetune(
     train_ds = encode(train, tokenizer, task.spec, max_length=cfg.max_length)
     loader = make_loader(train_ds, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed)
     state_dir = output_dir.with_name(output_dir.name + ".partial-state")
+    accelerator = None if cfg.head_only else make_accelerator()
     t0 = time.perf_counter()
-    log = train_loop(
+    trainer = train_head_only if cfg.head_only else train_loop
+    log = trainer(
         model,
         loader,
         epochs=cfg.epochs,
@@ -197,6 +248,7 @@ def finetune(
         grad_clip=cfg.grad_clip,
         state_dir=state_dir,
         progress=progress,
+        accelerator=accelerator,
     )
     train_s = time.perf_counter() - t0
     info = {
@@ -207,6 +259,9 @@ def finetune(
         "train_seconds": train_s,
         "loss_log": log,
     }
+    if not is_main_process(accelerator):  # under `accelerate launch` only the main process writes
+        accelerator.wait_for_everyone()
+        return {**info, "main_process": False}
     with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -216,4 +271,112 @@ def finetune(
 
         shutil.rmtree(state_dir, ignore_errors=True)
     atomic_write_json(output_dir / "pegq_finetune.json", info)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return info
+
+
+# ----------------------------------------------------------------------------------- head-only training
+
+
+def _head_logits(model, h0: torch.Tensor) -> torch.Tensor:
+    """The classification head of ``model`` applied to token-0 features ``h0`` ([N, 1, d])."""
+    mt = getattr(model.config, "model_type", None)
+    base = model.base_model
+    if mt in ("bert", "mobilebert") and getattr(base, "pooler", None) is not None:
+        return model.classifier(model.dropout(base.pooler(h0)))
+    if mt in ("roberta", "xlm-roberta", "mpnet", "camembert"):
+        return model.classifier(h0)
+    if mt == "distilbert":
+        x = torch.relu(model.pre_classifier(h0[:, 0]))
+        return model.classifier(model.dropout(x))
+    raise ValueError(f"head-only fine-tuning is not implemented for model_type {mt!r}; "
+                     "use full fine-tuning (drop --head-only)")
+
+
+def _head_parameters(model) -> list[torch.nn.Parameter]:
+    base = model.base_model
+    params = [p for n, p in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")]
+    if getattr(model.config, "model_type", None) in ("bert", "mobilebert") and base.pooler is not None:
+        params += list(base.pooler.parameters())
+    return params
+
+
+@torch.no_grad()
+def encoder_features(model, loader, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-0 hidden states of the encoder's last layer ([N, 1, d]) and the labels, in loader order."""
+    from .api import model_inputs
+
+    model.eval()
+    feats, labels = [], []
+    for b in tqdm(loader, desc="encoder features", disable=not progress):
+        b = trim_batch(b)
+        h = model.base_model(**model_inputs(b)).last_hidden_state
+        feats.append(h[:, :1].float())
+        labels.append(b["labels"])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def train_head_only(
+    model,
+    loader,
+    epochs: float,
+    learning_rate: float,
+    warmup_ratio: float = 0.0,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    state_dir: Path | None = None,
+    progress: bool = True,
+    accelerator=None,
+) -> list[dict]:
+    """Train only the classification head (pooler + classifier for BERT) on cached encoder features.
+
+    The encoder runs once (no gradients); the head is then trained for ``epochs`` passes over the
+    cached features with AdamW and linear decay. Same result format as :func:`train_loop`.
+    """
+    from torch.optim import AdamW
+    from transformers import get_linear_schedule_with_warmup
+
+    bs = loader.batch_size or 32
+    x, y = encoder_features(model, loader, progress)
+    head = _head_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head:
+        p.requires_grad_(True)
+    steps_per_epoch = math.ceil(len(x) / bs)
+    total = max(1, math.ceil(steps_per_epoch * epochs))
+    optim = AdamW(head, lr=learning_rate, weight_decay=weight_decay)
+    sched = get_linear_schedule_with_warmup(optim, int(warmup_ratio * total), total)
+    regression = getattr(model.config, "num_labels", 2) == 1
+    g = torch.Generator().manual_seed(0)
+    log, step = [], 0
+    model.train()
+    bar = tqdm(total=total, desc="training head", disable=not progress)
+    while step < total:
+        order = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), bs):
+            if step >= total:
+                break
+            idx = order[i: i + bs]
+            logits = _head_logits(model, x[idx])
+            if regression:
+                loss = torch.nn.functional.mse_loss(logits.squeeze(-1), y[idx].float())
+            else:
+                loss = torch.nn.functional.cross_entropy(logits, y[idx].long())
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(head, grad_clip)
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % 50 == 0 or step == total:
+                log.append({"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.item())})
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return log

@@ -34,6 +34,7 @@ import numbers
 import torch
 from torch import nn
 
+from .adaround import fake_quant_fixed_rounding
 from .estimators import RangeEstimator, canonical_estimator
 from .functional import EPS_SCALE, MAX_BITS, MIN_BITS, fake_quant, grid, qparams_from_range
 from .granularity import (
@@ -42,6 +43,7 @@ from .granularity import (
     PerTensor,
     group_index_from_perm,
 )
+from .lsq import fake_quant_learnable, grad_scale, lsq_grad_factor
 
 
 class QuantState(enum.StrEnum):
@@ -109,9 +111,14 @@ class Quantizer(nn.Module):
         self.register_buffer("x_max", None)
         self.register_buffer("perm", None)
         self.register_buffer("group_index", None)
+        # AdaRound (pegq.quant.adaround): per-element rounding decisions (uint8, shaped like the weight)
+        # used instead of round-to-nearest when set; dropped by reset()/estimate()
+        self.register_buffer("round_offset", None)
         self.register_parameter("scale_param", None)
         self.register_parameter("zero_param", None)
         self._qcache = None
+        # LEARNING: scale/zero gradients times 1/sqrt(N * Qp) (LSQ; see pegq.quant.lsq for why)
+        self.lsq_grad_scale = True
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -192,15 +199,18 @@ class Quantizer(nn.Module):
         self.x_max = None
         self.scale_param = None
         self.zero_param = None
+        self.round_offset = None
         self._qcache = None
         self.estimator.reset()
         self.state = QuantState.ESTIMATING
 
     # ------------------------------------------------------------------ state changes
     def estimate(self) -> Quantizer:
-        """(Re-)enter ESTIMATING. Learned parameters are dropped: the estimated range is used."""
+        """(Re-)enter ESTIMATING. Learned parameters (and AdaRound offsets) are dropped: the estimated
+        range is used."""
         self.scale_param = None
         self.zero_param = None
+        self.round_offset = None
         self.state = QuantState.ESTIMATING
         return self
 
@@ -329,10 +339,19 @@ class Quantizer(nn.Module):
                 f"needs {n} with {g.describe()}; reset and re-estimate for a new layout"
             )
         if self.scale_param is not None:
-            scale = scale.clamp_min(EPS_SCALE)  # learned scales stay positive
+            # learned scales stay positive; the gradient passes the clip so a scale pushed below it can recover
+            scale = scale + (scale.clamp_min(EPS_SCALE) - scale).detach() if scale.requires_grad else \
+                scale.clamp_min(EPS_SCALE)
+            if self.state == QuantState.LEARNING and self.lsq_grad_scale and torch.is_grad_enabled():
+                gf = lsq_grad_factor(x.numel() // n, self.qmax)
+                scale, zero = grad_scale(scale, gf), grad_scale(zero, gf)
         gi = self.group_index
         s = g.broadcast(scale, x, gi)
         z = None if self.symmetric else g.broadcast(zero, x, gi)
+        if self.round_offset is not None:
+            return fake_quant_fixed_rounding(x, s, z, self.qmin, self.qmax, self.round_offset)
+        if self.state == QuantState.LEARNING and torch.is_grad_enabled():
+            return fake_quant_learnable(x, s, z, self.qmin, self.qmax)  # same values, fused STE/LSQ grads
         return fake_quant(x, s, z, self.qmin, self.qmax)
 
     # ------------------------------------------------------------------ loading
@@ -341,7 +360,7 @@ class Quantizer(nn.Module):
     ):
         # Ranges, permutation and learned parameters start as None (not in the state_dict); make
         # room for them so that a saved quantizer can be loaded into a fresh one.
-        for name in ("x_min", "x_max", "perm", "group_index"):
+        for name in ("x_min", "x_max", "perm", "group_index", "round_offset"):
             v = state_dict.get(prefix + name)
             if v is not None and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(v))

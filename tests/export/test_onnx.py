@@ -1,0 +1,158 @@
+"""QDQ ONNX export run by ONNX Runtime's int8 kernels: per-tensor parity with the simulated model, 16-bit and
+low-bit types, every family, and unsupported inputs refused with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from export_helpers import peg_tiny
+
+import pegq
+from pegq.export.onnx import (
+    ExportError,
+    export_onnx,
+    kernel_report,
+    metadata,
+    per_tensor_parity,
+    prepare,
+    session,
+)
+
+
+def test_minilm_peg_export_runs_int8_kernels_and_matches_per_tensor(minilm_peg, minilm_peg_onnx):
+    qm, _, batch = minilm_peg
+    _, info = minilm_peg_onnx
+    path = info["path"]
+    assert info["peg_layers"] == 6
+    assert info["quantizers"] == {"activation:uint8": 173, "weight:uint8": 71}
+    assert info["folds"]["split_concat"] == 6 and info["folds"]["sum"] == 6  # group DQ feeds its MatMul
+    meta = metadata(path)
+    assert meta["pegq.peg_rewrite"]["encoder.layer.0.ffn"] == {"layer": 0, "groups": 6, "permuted": True}
+    q = meta["pegq.quantizers"]["encoder.layer.4.ffn.residual_sum.g5"]
+    assert q["dtype"] == "uint8" and q["scale"] > 0
+
+    rep = kernel_report(path)
+    # every encoder matmul runs an int8 kernel: per layer Q, K, V, output, 6 FFN-input groups, FFN output,
+    # plus the two attention matmuls; only the 2-D pooler/classifier Gemms stay float
+    assert rep["int8_kernels"] == 6 * (4 + 6 + 1 + 2)
+    assert rep["ops"].get("MatMul", 0) == 0
+
+    par = per_tensor_parity(prepare(qm), path, batch)
+    assert par["missing"] == []
+    assert len(par["tensors"]) == 173
+    assert par["max_steps"] <= 1, {n: r for n, r in par["tensors"].items() if r["max_steps"] > 1}
+    assert par["weight_max_steps"] == 0
+    assert par["forced_output_max_abs_diff"] <= 1e-5
+    out = session(path).run(None, {k: v.numpy() for k, v in batch.items()})[0]
+    assert out.shape == (3, 2) and torch.isfinite(torch.from_numpy(out)).all()
+
+
+@pytest.mark.slow
+def test_minilm_int8_weights(minilm_peg, tmp_path):
+    """Default int8 weights: ORT's uint8 x int8 kernel; on x86 CPUs without VNNI it can saturate a pair
+    of products (rare elements), so only almost every element is required to be within one step."""
+    qm, _, batch = minilm_peg
+    info = export_onnx(qm, tmp_path / "peg.onnx")
+    assert info["quantizers"] == {"activation:uint8": 173, "weight:int8": 71}
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["weight_max_steps"] == 0
+    assert all(r["frac_diff"] <= 0.01 for r in par["tensors"].values()), par["tensors"]
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
+def test_families_export_parity(family, tmp_path, one_thread):
+    qm, batch = peg_tiny(family, head=True)
+    info = export_onnx(qm, tmp_path / f"{family}.onnx", weight_dtype="uint8")
+    assert info["peg_layers"] == qm.num_layers
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert par["max_steps"] <= 1, par["tensors"]
+    assert par["forced_output_max_abs_diff"] <= 1e-5
+
+
+def _tiny(preset: str, overrides=(), head=True):
+    from models_helpers import pad_id_of, padded_batch, tiny_model
+
+    m = tiny_model("bert", head)
+    qm = pegq.quantize(m, preset, overrides=list(overrides))
+    pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
+    return qm, padded_batch(pad_id_of(m), seed=2)
+
+
+def test_mixed_precision_16_bit_activations(tmp_path, one_thread):
+    qm, batch = _tiny("mp-ptq")
+    info = export_onnx(qm, tmp_path / "mp.onnx", weight_dtype="uint8")
+    # FFN input, output, residual sum of 2 layers + pooler + logits: 16-bit
+    assert info["quantizers"]["activation:uint16"] == 8
+    meta = metadata(info["path"])["pegq.quantizers"]
+    assert meta["encoder.layer.1.ffn.residual_sum"]["dtype"] == "uint16"
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["max_steps"] <= 1 and par["forced_output_max_abs_diff"] <= 1e-5
+
+
+def test_low_bit_weights_stored_as_int4(tmp_path, one_thread):
+    qm, batch = _tiny("w8a8", ["*.weight=w4", "embeddings.word.weight=w2"])
+    info = export_onnx(qm, tmp_path / "w4.onnx")
+    assert info["quantizers"]["weight:int4"] == sum(q.enabled for q in qm.weight_quantizers().values())
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["weight_max_steps"] == 0 and par["max_steps"] <= 1
+
+
+def test_per_channel_weights(tmp_path, one_thread):
+    qm, batch = _tiny("w8a8", ["encoder.*.weight=channel0"])
+    info = export_onnx(qm, tmp_path / "pc.onnx", weight_dtype="uint8")
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["weight_max_steps"] == 0 and par["max_steps"] <= 1
+
+
+def test_export_leaves_the_simulated_model_alone(tmp_path, one_thread):
+    qm, batch = peg_tiny("roberta")
+    with torch.no_grad():
+        before = qm(**batch).logits
+    export_onnx(qm, tmp_path / "r.onnx")
+    with torch.no_grad():
+        assert torch.equal(qm(**batch).logits, before)
+    assert "encoder.layer.0.ffn.residual_sum" in qm.quantizers
+
+
+# --------------------------------------------------------------------------- refused inputs
+
+
+def test_peg_outside_the_ffn_says_why(tmp_path, one_thread):
+    qm, _ = peg_tiny("bert", extra=["encoder.layer.0.attn.output=peg4"])
+    with pytest.raises(ExportError, match=r"encoder\.layer\.0\.attn\.output: PEG is only rewritable.*FFN"):
+        export_onnx(qm, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_4_bit_activations_say_why(tmp_path, one_thread):
+    qm, _ = _tiny("w8a8", ["encoder.layer.0.attn.query=a4"])
+    with pytest.raises(ExportError, match=r"attn\.query: 4-bit activations.*8- and 16-bit"):
+        export_onnx(qm, tmp_path / "x.onnx")
+
+
+def test_per_embedding_activations_say_why(tmp_path, one_thread):
+    qm, _ = _tiny("w8a8", ["encoder.layer.1.ffn.layernorm=emb"])
+    with pytest.raises(ExportError, match=r"ffn\.layernorm: embedding activations are not per-tensor"):
+        export_onnx(qm, tmp_path / "x.onnx")
+
+
+def test_uncalibrated_model_says_why(tmp_path, one_thread):
+    from models_helpers import tiny_model
+
+    qm = pegq.quantize(tiny_model("bert", True), "w8a8")
+    with pytest.raises(ExportError, match="calibrate"):
+        export_onnx(qm, tmp_path / "x.onnx")
+
+
+def test_plain_model_says_why(tmp_path, one_thread):
+    from models_helpers import tiny_model
+
+    with pytest.raises(ExportError, match="QuantizedModel"):
+        export_onnx(tiny_model("bert", True), tmp_path / "x.onnx")
+
+
+def test_unknown_weight_dtype(tmp_path, one_thread):
+    qm, _ = _tiny("w8a8")
+    with pytest.raises(ExportError, match="weight_dtype"):
+        export_onnx(qm, tmp_path / "x.onnx", weight_dtype="int4")

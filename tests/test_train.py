@@ -1,0 +1,45 @@
+"""pegq.train: head-only fine-tuning trains the head and leaves the encoder exactly as loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pegq.data import load_task
+from pegq.models import load_model
+from pegq.train import FinetuneConfig, finetune
+
+
+def test_head_only_trains_head_not_encoder(minilm_path, tmp_path):
+    task = load_task("rotten_tomatoes")
+    out = tmp_path / "ho"
+    info = finetune(minilm_path, task, out, FinetuneConfig(head_only=True, epochs=3, max_train_examples=256),
+                    progress=False)
+    assert info["config"]["learning_rate"] == pytest.approx(1e-3)
+    before, _ = load_model(minilm_path, num_labels=2)
+    after, _ = load_model(str(out), num_labels=2)
+    b, a = before.state_dict(), after.state_dict()
+    enc = [k for k in a if k.startswith("bert.encoder.") or k.startswith("bert.embeddings.")]
+    assert enc and all(torch.equal(a[k], b[k]) for k in enc)
+    # the pooler and the classifier moved (the classifier starts from a fresh random init in both)
+    assert not torch.equal(a["bert.pooler.dense.weight"], b["bert.pooler.dense.weight"])
+    losses = [r["loss"] for r in info["loss_log"]]
+    assert losses, info
+    meta = json.loads((out / "pegq_finetune.json").read_text())
+    assert meta["config"]["head_only"] is True
+
+
+def test_head_only_unknown_family_is_a_clear_error():
+    from pegq.train import _head_logits
+
+    class Cfg:
+        model_type = "gpt2"
+
+    class M(torch.nn.Module):
+        config = Cfg()
+        base_model = torch.nn.Identity()
+
+    with pytest.raises(ValueError, match="gpt2"):
+        _head_logits(M(), torch.zeros(1, 1, 4))
