@@ -119,7 +119,7 @@ def main(argv=None) -> int:
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=max(160, Console().width))
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     load0 = os.getloadavg()
     t_start = time.time()
