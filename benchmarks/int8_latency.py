@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         # cast to indices): quantizing those Div/Log/Mul nodes corrupts the indices (Gather out of bounds), so
         # the encoder-level position-bias nodes stay FP32; every node inside the layers is quantized
         exclude = [n.name for n in onnx.load(str(pre_path), load_external_data=False).graph.node
-                   if n.name.startswith("/model/encoder/") and "/layer." not in n.name]
+                   if "/encoder/" in n.name and "/layer." not in n.name]
         quantize_static(str(pre_path), str(static_path), _Reader(calib, names), quant_format=QuantFormat.QDQ,
                         per_channel=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)

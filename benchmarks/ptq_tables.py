@@ -16,8 +16,9 @@ positions never reach a real token), at a fraction of the time.
 * Table 2: leave-one-out (:func:`pegq.loo.leave_one_out`, weights FP32, current min-max, one sequence)
   over every quantizer kind, plus the per-layer sweep of ``ffn.residual_sum``;
 * Table 4: ``peg-1`` (W8A8, current min-max on one sequence), ``mp-ptq-res``, ``mp-ptq-ffn``, ``mp-ptq``;
-* Table 5: ``peg-1``, ``peg-d-all``, ``peg-d``, ``peg-6``, ``peg-3``, ``peg-3p``, ``peg-6p``, plus one extra
-  row not in the paper: ``peg-d-all`` calibrated on 16 sequences with running min-max;
+* Table 5: ``peg-1``, ``peg-d-all``, ``peg-d``, ``peg-6``, ``peg-3``, ``peg-3p``, ``peg-6p``, plus two extra
+  rows not in the paper: ``peg-d-all`` calibrated on one batch of 16 sequences (current min-max), and
+  ``peg-12p`` (K=12 + permutation);
 * Table 6: ``w8a8``, the best MP-PTQ preset of Table 4, ``peg-ptq``.
 
 Resumable: every finished (preset, seed) is stored in ``<out>/runs.json`` (Table 2 in ``<out>/table2``)
@@ -60,12 +61,13 @@ TABLES: dict[str, dict] = {
           "paper_cols": P4,
           "rows": [("1 (=per-tensor)", "peg-1", (79.78, 45.60, 51.73, 64.98)),
                    ("d (=per-embd.)", "peg-d-all", (87.87, 80.97, 90.66, 69.31)),
-                   ("d (=per-embd.), 16 sequences, running min-max [extra]", "peg-d-all@16run", None),
+                   ("d (=per-embd.), one batch of 16 sequences [extra]", "peg-d-all@16", None),
                    ("d (only FFN)", "peg-d", (87.92, 81.00, 90.68, 68.59)),
                    ("6 (only FFN)", "peg-6", (87.26, 80.51, 89.82, 68.59)),
                    ("3 (only FFN)", "peg-3", (85.96, 76.43, 80.74, 66.06)),
                    ("3 + P (only FFN)", "peg-3p", (87.92, 80.64, 91.07, 69.31)),
-                   ("6 + P (only FFN)", "peg-6p", (87.92, 81.25, 91.07, 69.31))],
+                   ("6 + P (only FFN)", "peg-6p", (87.92, 81.25, 91.07, 69.31)),
+                   ("12 + P (only FFN) [extra]", "peg-12p", None)],
           "fp32_paper": (89.09, 84.91, 91.58, 70.40)},
     "6": {"title": "Table 6: 8-bit results side by side", "paper_cols": P2,
           "rows": [("W8A8 PTQ", "w8a8", (92.55, 71.03)), ("W8A{8,16} MP-PTQ (best of Table 4)", "@best-mp",
@@ -76,7 +78,7 @@ TABLES: dict[str, dict] = {
 MP_PRESETS = ("mp-ptq-res", "mp-ptq-ffn", "mp-ptq")
 # extra rows (not in the paper): a preset with more calibration data, to tell the granularity from the
 # single calibration sequence of section 5
-VARIANTS = {"peg-d-all@16run": ("peg-d-all", 16, "running_minmax")}
+VARIANTS = {"peg-d-all@16": ("peg-d-all", 16, 1, "current_minmax")}
 PAPER_T2 = {  # Table 2 row id -> STS-B, MNLI, QNLI, RTE
     "fp32": (89.09, 84.91, 91.58, 70.40),
     "all": (62.64, 42.67, 50.74, 48.74),
@@ -93,19 +95,24 @@ def paper_text(cols, vals) -> str:
     return " / ".join(f"{v:.2f}" for v in vals) if vals else ""
 
 
-def make_config(name: str):
-    """A preset, or a :data:`VARIANTS` entry (preset + calibration batches + activation estimator)."""
+def make_config(name: str, weight_estimator: str | None = None):
+    """A preset, or a :data:`VARIANTS` entry (preset + calibration batches + activation estimator);
+    ``weight_estimator`` replaces the presets' weight range estimator (appendix B.2 picks it per task)."""
     import dataclasses
 
     from pegq.config import get_preset
 
     if name not in VARIANTS:
-        return get_preset(name)
-    base, batches, estimator = VARIANTS[name]
-    cfg = get_preset(base)
-    cfg.name = name
-    cfg.calibration.num_batches = batches
-    cfg.activations = dataclasses.replace(cfg.activations, estimator=estimator)
+        cfg = get_preset(name)
+    else:
+        base, batch_size, batches, estimator = VARIANTS[name]
+        cfg = get_preset(base)
+        cfg.name = name
+        cfg.calibration.batch_size = batch_size
+        cfg.calibration.num_batches = batches
+        cfg.activations = dataclasses.replace(cfg.activations, estimator=estimator)
+    if weight_estimator is not None and cfg.weights.bits is not None:
+        cfg.weights = dataclasses.replace(cfg.weights, estimator=weight_estimator)
     return cfg
 
 
@@ -159,6 +166,9 @@ def main(argv=None) -> None:
                     help="Table 2: every quantizer kind (all) or only the paper's five (paper)")
     ap.add_argument("--loo-seeds", type=int, nargs="+", default=None, help="Table 2 seeds (default: --seeds)")
     ap.add_argument("--max-eval-examples", type=int, default=None, help="(smoke tests only)")
+    ap.add_argument("--weight-estimator", choices=["current_minmax", "mse"], default=None,
+                    help="weight range estimator for every preset (default: the presets' min-max); the paper's "
+                         "appendix B.2 picks MSE for SST-2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -200,6 +210,8 @@ def main(argv=None) -> None:
     runs_path = out / "runs.json"
     signature = {"checkpoint": str(ckpt.resolve()), "task": TASK, "max_eval_examples": args.max_eval_examples,
                  "eval": "trimmed"}
+    if args.weight_estimator:
+        signature["weight_estimator"] = args.weight_estimator
     state = {"signature": signature, "fp32": None, "done": {}}
     if runs_path.exists():
         prev = json.loads(runs_path.read_text())
@@ -215,8 +227,8 @@ def main(argv=None) -> None:
             with quantizers_off(qm):
                 state["fp32"] = evaluate(qm, loader, task.spec, progress=progress, desc="FP32 eval")
             atomic_write_json(runs_path, state)
-    keys = {p: config_key(make_config(p)) for p in presets}
-    fixed = {p for p in presets if seed_independent(make_config(p))}
+    keys = {p: config_key(make_config(p, args.weight_estimator)) for p in presets}
+    fixed = {p for p in presets if seed_independent(make_config(p, args.weight_estimator))}
     todo = [(p, s) for p in presets for s in seeds if f"{p}|seed={s}" not in state["done"]]
     calib_cache: dict[tuple, list] = {}
     by_key: dict[tuple, dict] = {}  # identical configs (peg-ptq = peg-6p) are run once
@@ -236,7 +248,7 @@ def main(argv=None) -> None:
                                                   reused_from=f"{src['preset']}|seed={src['seed']}")
             atomic_write_json(runs_path, state)
             continue
-        cfg = make_config(p)
+        cfg = make_config(p, args.weight_estimator)
         cfg.calibration.seed = s
         ck = (cfg.calibration.batch_size, cfg.calibration.num_batches, s)
         if ck not in calib_cache:

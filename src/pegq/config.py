@@ -50,6 +50,8 @@ Presets (``pegq presets``; a preset name goes wherever a config path does):
   ``peg-6``       PEG K=6 on the same three tensors (``peg-3``: K=3)                     T5
   ``peg-6p``      PEG K=6 + range-based permutation shared per layer (``peg-3p``: K=3)   T5 +P
   ``peg-ptq``     = ``peg-6p``                                                           T6 PEG-PTQ
+  ``peg-12p``     K=12 + permutation (not in the paper: narrower groups for d=384 models  -
+                  such as MiniLM, where K=6 leaves 63 ordinary dims in the outlier group)
   ==============  =====================================================================  ===========
 
   On BERT-base (161 activation quantizers) ``mp-ptq-res``/``mp-ptq-ffn``/``mp-ptq`` keep 12/36/38 of
@@ -437,6 +439,8 @@ _CURES: dict[str, tuple[str, list[str]]] = {
     "peg-3": ("Table 5: PEG with K=3 groups on FFN input, output and residual sum", _ffn("peg3")),
     "peg-3p": ("Table 5: as peg-3 with the range-based permutation (shared per layer)", _ffn("peg3p")),
     "peg-6p": ("Table 5: as peg-6 with the range-based permutation (shared per layer)", _ffn("peg6p")),
+    "peg-12p": ("not in the paper: PEG K=12 with the range-based permutation on FFN input, output and residual "
+                "sum (narrower groups, e.g. for d=384 models)", _ffn("peg12p")),
     "peg-ptq": ("PEG-PTQ (Table 6): K=6 with range-based permutation on FFN input, output and residual "
                 "sum (= peg-6p)", _ffn("peg6p")),
 }

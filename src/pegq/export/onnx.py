@@ -5,11 +5,11 @@ How a calibrated :class:`~pegq.models.QuantizedModel` becomes a QDQ ONNX model:
 1. PEG quantizers are first rewritten into per-tensor ones (:mod:`pegq.export.rewrite`, paper
    section 4); every other enabled activation quantizer must already be per-tensor, weights per-tensor
    or per-channel, everything calibrated and frozen (else :class:`ExportError` says which and why).
-2. The model is traced with ``torch.onnx.export`` (TorchScript exporter) while every enabled quantizer
-   emits a marker node (``pegq::Q`` for activations, ``pegq::W`` for weights) that carries its name.
-   Activation quantizers are forward hooks and weight quantizers parametrizations; both call the
-   quantizer module, whose ``forward`` is swapped for the marker during the trace, so the markers sit
-   exactly where pegq quantizes.
+2. The model is traced with ``torch.onnx.export`` (TorchScript exporter) while every enabled quantizer's
+   ``forward`` is swapped for a ``torch.library`` op (``pegq_export::q`` / ``::w``) that computes the
+   simulated values and exports as a marker node (``pegq::Q`` / ``pegq::W``) carrying the quantizer's
+   name. Activation quantizers are forward hooks and weight quantizers parametrizations; both call the
+   quantizer module, so the markers sit exactly where pegq quantizes.
 3. Graph surgery lowers the markers with the calibrated parameters:
 
    * activation -> ``QuantizeLinear -> DequantizeLinear`` (scalar scale and zero-point): 8-bit as
@@ -18,11 +18,15 @@ How a calibrated :class:`~pegq.models.QuantizedModel` becomes a QDQ ONNX model:
      ORT has no 16-bit matmul kernels);
    * weight -> integer initializer + ``DequantizeLinear`` (per-tensor or per-channel ``axis``): stored
      as int4/uint4 for <= 4 bits, int8/uint8 for 5-8 bits, int16/uint16 above; the integers are the
-     quantizer's own (AdaRound rounding included). The FP32 weight is dropped.
+     quantizer's own (AdaRound rounding included). The FP32 weight is dropped. ``weight_dtype="uint8"``
+     stores symmetric 8-bit weights +128 with zero-point 128 (same values): ORT then uses its exact
+     uint8 x uint8 kernel instead of uint8 x int8, which saturates rare pairs of products on x86 CPUs
+     without VNNI.
    * a weight ``Transpose`` is folded into the integers; an embedding lookup ``Gather(DQ(table))``
      becomes ``DQ(Gather(int table))`` (only the looked-up rows are dequantized); the split/concat
      pairs the PEG rewrite leaves between a group's quantizer and its matmul are removed, so that every
-     group's ``DequantizeLinear`` feeds its ``MatMul`` directly.
+     group's ``DequantizeLinear`` feeds its ``MatMul`` directly; the residual sum is added per group; the
+     K group products of the split Linear are summed by one ``Sum``.
 
 ONNX Runtime then fuses ``DQ -> MatMul (-> Q)`` into its int8 kernels (``MatMulIntegerToFloat`` /
 ``QLinearMatMul``): :func:`kernel_report` lists the optimized graph's operators. Model metadata
@@ -47,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io import atomic_write_bytes
 from ..models.base import QuantizedModel
 from ..quant import PerChannel, PerTensor, Quantizer, QuantState
 from .rewrite import RewriteError, rewrite_peg
@@ -299,7 +304,7 @@ def export_fp32(model, path: str | os.PathLike, opset: int = 17) -> dict:
     finally:
         model.train(was_training)
     data = buf.getvalue()
-    _atomic_write_bytes(Path(path), data)
+    atomic_write_bytes(Path(path), data)
     return {"path": str(path), "bytes": len(data), "inputs": input_names, "output": output}
 
 
@@ -753,7 +758,7 @@ def export_onnx(
         onnx.checker.check_model(model)
     data = model.SerializeToString()
     path = Path(path)
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     kinds = Counter(f"{v['kind']}:{v['dtype']}" for v in low["quantizers"].values())
     return {
         "path": str(path),
@@ -766,24 +771,6 @@ def export_onnx(
         "output": output,
         "export_s": time.perf_counter() - t0,
     }
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- running it

@@ -121,13 +121,16 @@ def fake_quant_nograd(
     ``zero=None`` means ``z = 0`` (symmetric); ``out`` (float32/64, shaped like ``x``) is reused when
     given. The zero-point is rounded and clamped to the grid exactly as in :func:`fake_quant`.
     """
+    # PyTorch's fused torch.fake_quantize_per_{tensor,channel}_affine give the same values (tested) but,
+    # measured on the 2-core CPU, run 5-10x slower than these four vectorised in-place passes
+    # ([8, 12, 128, 128] scores: 7.9 ms against 1.1 ms)
     dtype = _compute_dtype(x)
-    if out is None and x.dtype == torch.float32 and scale.dtype == torch.float32 and x.numel() > 0:
-        fused = _fused_fake_quant(x, scale, zero, qmin, qmax)
-        if fused is not None:
-            return fused
     inv = torch.reciprocal(scale)
     xc = x if x.dtype == dtype else x.to(dtype)
+    if inv.ndim == 0 and xc.ndim > 0:
+        # same values; an out-of-place multiply by a 0-d tensor takes a ~8x slower kernel path on CPU
+        # (measured on [8, 12, 128, 128]: 0.93 ms against 0.12 ms with a 1-element tensor)
+        inv = inv.reshape(1)
     out = torch.mul(xc, inv) if out is None else torch.mul(xc, inv, out=out)
     if zero is None:
         out.clamp_(qmin, qmax)
@@ -142,29 +145,6 @@ def fake_quant_nograd(
     out.round_()
     out.mul_(scale)
     return out if out.dtype == x.dtype else out.to(x.dtype)
-
-
-def _fused_fake_quant(x, scale, zero, qmin: int, qmax: int) -> torch.Tensor | None:
-    """One pass with PyTorch's fused kernels, bit-identical to the four passes of
-    :func:`fake_quant_nograd` (both compute ``round(x * (1/s))`` in float32, clamp to the integer
-    grid, and multiply by ``s``). ``None`` when the layout is not per-tensor or along one axis."""
-    if scale.numel() == 1:
-        z = 0 if zero is None else int(zero.reshape(()).round().clamp(qmin, qmax))
-        return torch.fake_quantize_per_tensor_affine(x, float(scale.reshape(())), z, qmin, qmax)
-    if scale.ndim != x.ndim:
-        return None
-    axes = [i for i, n in enumerate(scale.shape) if n != 1]
-    if len(axes) != 1 or scale.shape[axes[0]] != x.shape[axes[0]]:
-        return None
-    if zero is not None and zero.numel() != 1 and tuple(zero.shape) != tuple(scale.shape):
-        return None
-    ax = axes[0]
-    c = scale.reshape(-1).contiguous()
-    if zero is None:
-        z = torch.zeros(c.shape, dtype=torch.int32, device=x.device)
-    else:
-        z = zero.round().clamp(qmin, qmax).expand(scale.shape).reshape(-1).to(torch.int32).contiguous()
-    return torch.fake_quantize_per_channel_affine(x, c, z, ax, qmin, qmax)
 
 
 def quantize_to_int(

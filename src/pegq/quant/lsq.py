@@ -15,8 +15,9 @@ where ``N`` is the number of elements sharing that step size and ``Q_p`` the lar
 Why pegq applies it (default on, ``Quantizer.lsq_grad_scale``): with Adam(W) a constant factor on one
 parameter's gradient almost cancels in the update ``m / sqrt(v)``, so the factor barely changes the step
 of the scale itself; but QAT clips the *global* gradient norm (1.0, as fine-tuning), and without the
-factor the scale gradients of the activation quantizers (sums over ~10^5 elements per batch) dominate
-that norm and shrink every weight update. ``benchmarks/qat_step.py --grad-norms`` prints both norms.
+factor the range gradients (sums over ~10^5 elements per batch) take a large share of that norm and so
+shrink every weight update: on the rotten_tomatoes fine-tune of MiniLM (W8A8) they hold ~49% of the
+squared global norm without the factor and ~0% with it (``benchmarks/qat_step.py --grad-norms``).
 """
 
 from __future__ import annotations
