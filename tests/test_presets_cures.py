@@ -275,15 +275,6 @@ def _tiny(family: str, head: bool):
     return cls(cfgs[family]()).eval()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread avoids OpenMP hand-offs that dominate on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
 @pytest.mark.parametrize("head", [True, False])
 def test_every_cure_works_on_every_family(family, head, one_thread):

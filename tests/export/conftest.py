@@ -22,17 +22,6 @@ OTHER = [
 ]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one torch thread (on a busy 2-core machine two threads mostly wait on each other)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def minilm(minilm_path):
     import transformers

@@ -5,24 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
-
-from pegq.cli import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def one_line_error(res, *needles):
-    assert res.exit_code == 2, (res.exit_code, res.output)
-    text = res.output.strip()
-    assert text.startswith("error:"), text
-    assert len(text.splitlines()) == 1, text
-    for n in needles:
-        assert n in text, (n, text)
+from cli_support import one_line_error, run
 
 
 def test_help_lists_export_commands():
