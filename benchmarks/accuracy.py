@@ -18,7 +18,6 @@ W8A32 needs it).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -44,9 +43,8 @@ def main(argv=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pegq.config import resolve_config
     from pegq.io import atomic_write_json
-    from pegq.pipeline import run_ptq
+    from pegq.pipeline import config_from_cli, run_ptq
 
     ckpt = finetuned(args.model, args.epochs)
     fp32 = None
@@ -54,10 +52,7 @@ def main(argv=None) -> None:
     for p in args.presets:
         runs = []
         for s in args.seeds:
-            cfg = resolve_config(p)
-            cfg.calibration.seed = s
-            if args.weight_estimator and cfg.weights.bits is not None:
-                cfg.weights = dataclasses.replace(cfg.weights, estimator=args.weight_estimator)
+            cfg = config_from_cli(p, args.weight_estimator, None, None, None, s)
             r = run_ptq(str(ckpt), "rotten_tomatoes", cfg, fp32_score=fp32, progress=True)
             fp32 = r["fp32"]
             runs.append(r)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import os
 import platform
 import statistics
@@ -121,7 +120,7 @@ def main(argv=None) -> int:
     from pegq.export.onnx import export_fp32, export_onnx, feeds, kernel_report, ort_predict, session
     from pegq.io import atomic_write_json
     from pegq.models import load_model
-    from pegq.pipeline import calibration_batches
+    from pegq.pipeline import calibration_batches, config_from_cli
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -206,9 +205,7 @@ def main(argv=None) -> int:
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
         label = PEGQ_LABELS.get(preset, f"pegq {preset}")
         t0 = time.time()
-        cfg = resolve_config(preset)
-        if args.weight_estimator:
-            cfg.weights = dataclasses.replace(cfg.weights, estimator=args.weight_estimator)
+        cfg = config_from_cli(preset, args.weight_estimator, None, None, None, None)
         qm = quantize(copy.deepcopy(model), cfg)
         calibrate(qm, calibration_batches(task, tok, cfg), progress=False)
         path = workdir / f"pegq_{preset}.onnx"
