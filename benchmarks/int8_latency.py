@@ -15,7 +15,8 @@ Rows, all on the CPU with ``--threads`` intra-op threads (default 2):
 * pegq's exports (``pegq.export.onnx.export_onnx``) of the paper's per-tensor W8A8, MP-PTQ (16-bit FFN
   activations) and PEG-PTQ (K=6, permuted; rewritten into per-tensor ops), each calibrated like
   ``pegq ptq``; PEG also with uint8 weights (bit-exact with the simulation on CPUs without VNNI);
-  ``--presets`` picks others (e.g. ``peg-12p``), ``--weight-estimator mse`` their weight ranges;
+  ``--presets`` picks others (e.g. ``peg-12p``, the int8 deployment presets ``w8a8-gemm`` / ``peg-gemm``,
+  or a JSON/YAML config file), ``--weight-estimator mse`` their weight ranges;
 * accuracy-only rows: the same pegq models simulated in PyTorch (fake quantization).
 
 Columns: median latency at each batch x sequence shape (round-robin over the variants, ``--repeats``
@@ -47,7 +48,8 @@ from common import cache_dir, model_path  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PEGQ_LABELS = {"w8a8": "pegq W8A8", "mp-ptq": "pegq MP-PTQ", "peg-ptq": "pegq PEG-PTQ"}
+PEGQ_LABELS = {"w8a8": "pegq W8A8", "mp-ptq": "pegq MP-PTQ", "peg-ptq": "pegq PEG-PTQ",
+               "w8a8-gemm": "pegq W8A8-gemm", "peg-gemm": "pegq PEG-gemm"}
 
 
 def checkpoint(name: str) -> tuple[Path, bool]:
@@ -203,16 +205,16 @@ def main(argv=None) -> int:
 
     simulated = {}
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-        label = PEGQ_LABELS.get(preset, f"pegq {preset}")
         t0 = time.time()
-        cfg = config_from_cli(preset, args.weight_estimator, None, None, None, None)
+        cfg = config_from_cli(preset, args.weight_estimator, None, None, None, None)  # a preset or a YAML file
+        label = PEGQ_LABELS.get(cfg.name, f"pegq {cfg.name}")
         qm = quantize(copy.deepcopy(model), cfg)
         calibrate(qm, calibration_batches(task, tok, cfg), progress=False)
-        path = workdir / f"pegq_{preset}.onnx"
+        path = workdir / f"pegq_{cfg.name}.onnx"
         export_onnx(qm, path)
         variants[f"{label} (ORT)"] = ort_variant(path)
-        if preset.startswith("peg"):
-            p8 = workdir / f"pegq_{preset}_uint8w.onnx"
+        if cfg.name.startswith("peg"):
+            p8 = workdir / f"pegq_{cfg.name}_uint8w.onnx"
             export_onnx(qm, p8, weight_dtype="uint8")
             variants[f"{label} (ORT, uint8 weights)"] = ort_variant(p8)
         simulated[f"{label} (simulated)"] = qm
@@ -312,20 +314,23 @@ def main(argv=None) -> int:
 
     checks = {}
     sk = shape_keys[-1]
-    peg, static, bf = (results.get("pegq PEG-PTQ (ORT)"), results.get("ORT static int8"), results.get("PyTorch bf16"))
-    if peg and static and bf and sk in peg["latency_ms"]:
-        checks["peg_over_static"] = peg["latency_ms"][sk] / static["latency_ms"][sk]
-        checks["peg_over_bf16"] = peg["latency_ms"][sk] / bf["latency_ms"][sk]
-        checks["peg_cosine"] = peg.get("cosine")
+    static, bf = results.get("ORT static int8"), results.get("PyTorch bf16")
+    for name in [k[: -len(" (ORT)")] for k in results if k.startswith("pegq PEG") and k.endswith(" (ORT)")]:
+        peg = results[f"{name} (ORT)"]
+        if not (static and bf and sk in peg["latency_ms"]):
+            continue
+        c = {"over_static": peg["latency_ms"][sk] / static["latency_ms"][sk],
+             "over_bf16": peg["latency_ms"][sk] / bf["latency_ms"][sk], "cosine": peg.get("cosine")}
         if peg.get("accuracy") is not None:
-            checks["peg_accuracy_drop"] = results["PyTorch FP32"]["accuracy"] - peg["accuracy"]
-            sim = results.get("pegq PEG-PTQ (simulated)", {}).get("accuracy")
+            c["accuracy_drop"] = results["PyTorch FP32"]["accuracy"] - peg["accuracy"]
+            sim = results.get(f"{name} (simulated)", {}).get("accuracy")
             if sim is not None:
-                checks["peg_ort_minus_simulated"] = peg["accuracy"] - sim
+                c["ort_minus_simulated"] = peg["accuracy"] - sim
+        checks[name] = c
         console.print(
-            f"targets at {sk}: PEG/static = {checks['peg_over_static']:.2f} (<= 1.10), PEG/bf16 = "
-            f"{checks['peg_over_bf16']:.2f} (< 1), cosine {checks['peg_cosine']:.4f} (>= 0.999)"
-            + (f", accuracy drop {checks['peg_accuracy_drop']:.2f} (<= 0.5)" if "peg_accuracy_drop" in checks else
+            f"{name} targets at {sk}: /static = {c['over_static']:.2f} (<= 1.10), /bf16 = "
+            f"{c['over_bf16']:.2f} (< 1), cosine {c['cosine']:.4f} (>= 0.999)"
+            + (f", accuracy drop {c['accuracy_drop']:.2f} (<= 0.5)" if "accuracy_drop" in c else
                ", accuracy n/a (no fine-tuned checkpoint)")
         )
     out = {

@@ -59,6 +59,10 @@ def main(argv=None) -> None:
     ap.add_argument("--qat-train-examples", type=int, default=None, help="first N training sentences")
     ap.add_argument("--qat-lr", type=float, default=None)
     ap.add_argument("--qat-batch-size", type=int, default=None)
+    ap.add_argument("--qat-act-range-rel-lr", type=float, default=None,
+                    help="activation ranges learn at this rate relative to their size (default: at the model's lr)")
+    ap.add_argument("--qat-distill", type=float, default=0.0, help="weight of FP32-logit distillation (0: paper)")
+    ap.add_argument("--qat-act-estimator", default=None, help="PTQ init of the QAT activation ranges")
     ap.add_argument("--adaround-iters", type=int, default=10_000)
     ap.add_argument("--adaround-samples", type=int, default=1024)
     ap.add_argument("--adaround-batch-rows", type=int, default=1024)
@@ -77,7 +81,7 @@ def main(argv=None) -> None:
 
     from pegq.adaround_model import AdaRoundRun
     from pegq.io import atomic_write_json, atomic_write_text
-    from pegq.pipeline import run_ptq
+    from pegq.pipeline import config_from_cli, run_ptq
     from pegq.qat import QATConfig, qat
     from pegq.quant.adaround import AdaRoundConfig
 
@@ -86,7 +90,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
     hp = QATConfig(learning_rate=args.qat_lr, batch_size=args.qat_batch_size, epochs=args.qat_epochs,
-                   max_train_examples=args.qat_train_examples)
+                   max_train_examples=args.qat_train_examples, act_range_rel_lr=args.qat_act_range_rel_lr,
+                   distill=args.qat_distill)
     ada = AdaRoundRun(num_samples=args.adaround_samples,
                       layer=AdaRoundConfig(iters=args.adaround_iters, batch_rows=args.adaround_batch_rows,
                                            lr=args.adaround_lr))
@@ -109,7 +114,8 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             print(f"== {label} ({preset}) ==", flush=True)
             if kind == "qat":
-                r = qat(str(ckpt), TASK, preset, out / key, hparams=hp, progress=progress, fp32_score=fp32,
+                cfg = config_from_cli(preset, None, args.qat_act_estimator, None, None, None)
+                r = qat(str(ckpt), TASK, cfg, out / key, hparams=hp, progress=progress, fp32_score=fp32,
                         overwrite=True)
             else:
                 r = run_ptq(str(ckpt), TASK, preset, out / key, progress=progress, fp32_score=fp32, overwrite=True,

@@ -168,3 +168,43 @@ def test_grids_and_defaults():
                dict(warmup_ratio=1.0), dict(max_length=1)):
         with pytest.raises(ConfigError):
             QATConfig(**kw)
+
+
+def test_range_learning_rates_are_relative_to_each_range():
+    from pegq.qat import range_learning_rates
+    from pegq.quant import Quantizer
+
+    qs = {}
+    for name, span in (("small", 0.25), ("large", 250.0)):
+        q = Quantizer(name, bits=8)
+        q(torch.linspace(-span / 5, span * 4 / 5, 101))  # observe: range `span`
+        q.learn_ranges()
+        qs[name] = q
+    lrs = range_learning_rates(qs, 1e-3)
+    s_small, s_large = qs["small"].scale_param, qs["large"].scale_param
+    assert lrs[id(s_small)] == pytest.approx(1e-3 * 0.25 / 255, rel=1e-3)
+    assert lrs[id(s_large)] == pytest.approx(1e-3 * 250 / 255, rel=1e-3)
+    assert lrs[id(qs["small"].zero_param)] == pytest.approx(1e-3 * 255)  # zero-points: integer grid units
+    with pytest.raises(ConfigError, match="relative activation-range learning rate"):
+        QATConfig(act_range_rel_lr=2.0)
+
+
+def test_distill_loss_mixes_task_loss_and_kl_to_the_teacher():
+    from types import SimpleNamespace
+
+    from pegq.qat import distill_loss
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    teacher = lambda **kw: SimpleNamespace(logits=kw["x"])  # noqa: E731
+    out = SimpleNamespace(logits=logits, loss=torch.tensor(0.7))
+    same = {"x": logits.clone(), "labels": torch.tensor([0, 1])}
+    assert float(distill_loss(teacher, 1.0)(same, out)) == pytest.approx(0.0, abs=1e-7)
+    assert float(distill_loss(teacher, 0.5)(same, out)) == pytest.approx(0.35)
+    other = {"x": torch.tensor([[-1.0, 2.0], [0.5, 0.5]])}
+    p, q = logits[0].softmax(-1), other["x"][0].softmax(-1)
+    kl = float((q * (q.log() - p.log())).sum()) / 2  # batchmean over 2 rows, the second identical
+    assert float(distill_loss(teacher, 1.0)(other, out)) == pytest.approx(kl, rel=1e-5)
+    reg = SimpleNamespace(logits=torch.tensor([[1.0], [3.0]]), loss=torch.tensor(0.0))
+    assert float(distill_loss(teacher, 1.0)({"x": torch.tensor([[2.0], [3.0]])}, reg)) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="distill"):
+        QATConfig(distill=1.5)

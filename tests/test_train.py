@@ -43,3 +43,29 @@ def test_head_only_unknown_family_is_a_clear_error():
 
     with pytest.raises(ValueError, match="gpt2"):
         _head_logits(M(), torch.zeros(1, 1, 4))
+
+
+def test_train_loop_gives_overridden_parameters_their_own_learning_rate():
+    """``lr_overrides`` (QAT's activation-range learning rate): Adam's first step moves each parameter by
+    about its own peak learning rate, and the overridden ones get no weight decay."""
+    from types import SimpleNamespace
+
+    from pegq.train import train_loop
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.ones(3))
+            self.b = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return SimpleNamespace(loss=((self.a * x).sum() + (self.b * x).sum()) ** 2)
+
+    m = Tiny()
+    loader = [{"x": torch.tensor([1.0, -2.0, 3.0])}]
+    train_loop(m, loader, epochs=1, learning_rate=1e-4, weight_decay=0.5, grad_clip=0.0,
+               lr_overrides={id(m.a): 1e-2}, progress=False)
+    da, db = (1 - m.a.detach()).abs(), (1 - m.b.detach()).abs()
+    assert torch.allclose(da, torch.full((3,), 1e-2), rtol=1e-3), da  # no decay on a
+    assert torch.allclose(db, torch.full((3,), 1e-4 * (1 + 0.5)), rtol=0.7), db  # step + decoupled decay
+    assert da.min() > 50 * db.max()

@@ -273,6 +273,14 @@ def qat(
                                         "or a JSON/YAML config: the PTQ setup QAT starts from.")] = "qat-w8a8",
     override: Annotated[list[str] | None, typer.Option("--override", help="PATTERN=TOKENS, repeatable.")] = None,
     lr: Annotated[float | None, typer.Option(help="Max learning rate (default: Tables 10/11).")] = None,
+    act_range_rel_lr: Annotated[float | None, typer.Option(help="Activation ranges learn at this rate relative "
+                                                           "to their PTQ size per step (e.g. 1e-3; default: "
+                                                           "at --lr, as the paper).")] = None,
+    distill: Annotated[float, typer.Option(help="Weight of distillation from the FP32 model's logits in the loss "
+                                            "(0 = the task loss only, as the paper; 1 = distillation only).")] = 0.0,
+    weight_estimator: Annotated[str | None, typer.Option(help="PTQ init of the weight ranges: minmax | mse")] = None,
+    act_estimator: Annotated[str | None, typer.Option(help="PTQ init of the activation ranges: "
+                                                      "minmax | running | mse")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size per process (default: Tables 10/11).")] = None,
     epochs: Annotated[float | None, typer.Option(help="Epochs (default: Tables 10/11, 3 or 6).")] = None,
     attn_dropout: Annotated[float | None, typer.Option(help="Self-attention dropout rate (Table 10's D; "
@@ -295,7 +303,7 @@ def qat(
     """Quantization-aware training: calibrate (PTQ init), then learn weights and every range jointly
     (AdamW, 10% warm-up, linear decay); writes a quantized checkpoint. Resumable; runs under
     `accelerate launch` unchanged."""
-    from .config import resolve_config
+    from .pipeline import config_from_cli
     from .qat import QATConfig, qat_table
     from .qat import qat as _qat
     from .size import size_text
@@ -303,8 +311,10 @@ def qat(
     def job():
         hp = QATConfig(learning_rate=lr, batch_size=batch_size, epochs=epochs, attn_dropout=attn_dropout,
                        warmup_ratio=warmup_ratio, seed=seed, max_train_examples=max_train_examples,
-                       lsq_grad_scale=not no_lsq_grad_scale)
-        r = _qat(model, task, resolve_config(preset), output, hparams=hp, overrides=override, data_dir=data_dir,
+                       lsq_grad_scale=not no_lsq_grad_scale, act_range_rel_lr=act_range_rel_lr,
+                       distill=distill)
+        cfg = config_from_cli(preset, weight_estimator, act_estimator, None, None, None)
+        r = _qat(model, task, cfg, output, hparams=hp, overrides=override, data_dir=data_dir,
                  max_eval_examples=max_eval_examples, overwrite=overwrite, progress=not quiet,
                  task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels))
         if r.get("main_process") is False:

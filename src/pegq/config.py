@@ -505,6 +505,53 @@ PRESETS.update({name: _low_bit_factory(name) for name in _LOW_BIT})
 # ============================================================================ end low-bit and QAT
 
 
+# ============================================================================ int8 deployment (issue 7)
+# On ONNX Runtime (and other CPU int8 runtimes) only matrix multiplications run on integer kernels: the
+# residual sums, LayerNorm, softmax and GELU run in float whatever the QDQ graph says, so quantizing
+# their inputs costs time (extra QuantizeLinear/DequantizeLinear) and accuracy and buys nothing. These
+# presets quantize an activation only where a matmul consumes it (the input of every Linear and both
+# operands of the two attention matmuls), per-tensor as the kernels need. Weights: 8-bit per-tensor with
+# the MSE range (min-max costs MPNet-base 4.6 points at W8A32). Not per-channel: ORT's u8 x s8 kernel on
+# x86 CPUs without VNNI adds pairs of products in saturating int16, and per-channel scales put every row's
+# largest weight at +-127, so pairs saturate often (MPNet, per-channel int8 weights: logit cosine -0.03 on
+# ORT against 0.94 simulated; docs/results.md section 4). Not in the paper, whose simulation targets
+# fixed-point hardware that quantizes every tensor.
+NOT_MATMUL_INPUTS = (
+    "embeddings.sum*=off,optional",  # summed embeddings: the LayerNorm's input
+    "*.attn.scores=off,optional",  # softmax input
+    "*.attn.output=off,optional",  # attention output projection's result: residual-sum operand
+    "*.ffn.output=off,optional",  # second FFN Linear's result: residual-sum operand
+    "*residual_sum=off,optional",  # LayerNorm inputs
+    "classifier.output=off,optional",  # logits
+)
+
+_DEPLOY: dict[str, tuple[str, list[str]]] = {
+    "w8a8-gemm": ("int8 deployment (not in the paper): 8-bit per-tensor activations only where a matmul "
+                  "consumes them (ONNX Runtime runs the rest in float anyway), 8-bit per-tensor weights with "
+                  "MSE ranges", []),
+    "peg-gemm": ("int8 deployment (not in the paper): as w8a8-gemm, plus PEG K=6 with the range-based "
+                 "permutation on the FFN input (the only matmul input that carries the residual outliers); "
+                 "exported as 6 per-tensor int8 matmuls", [f"{FFN_INPUT}=peg6p"]),
+}
+
+
+def _deploy_factory(name: str):
+    def factory() -> QuantConfig:
+        description, extra = _DEPLOY[name]
+        c = _preset_w8a8()
+        c.name, c.description = name, description
+        c.weights = dataclasses.replace(c.weights, estimator="mse")
+        c.overrides = [parse_override(o) for o in (*NOT_MATMUL_INPUTS, *extra)]
+        return c
+
+    factory.__name__ = f"_preset_{name.replace('-', '_')}"
+    return factory
+
+
+PRESETS.update({name: _deploy_factory(name) for name in _DEPLOY})
+# ============================================================================ end int8 deployment
+
+
 def register_preset(name: str, factory) -> None:
     PRESETS[name] = factory
 

@@ -124,10 +124,22 @@ class QATConfig:
     seed: int = 0
     max_train_examples: int | None = None
     lsq_grad_scale: bool = True
+    #: activation ranges learn at a rate relative to their PTQ size: each activation scale gets the peak
+    #: learning rate ``rho * s0`` (its PTQ value s0) and each zero-point ``rho * (qmax - qmin)``, so Adam
+    #: moves any range by at most ~rho of itself per step whatever its magnitude. None = every range
+    #: learns at ``learning_rate``, as in the paper (see :func:`range_learning_rates`).
+    act_range_rel_lr: float | None = None
+    #: knowledge distillation from the FP32 model (not in the paper): the loss is
+    #: ``(1 - distill) * task loss + distill * KL(teacher || student)`` on the logits (MSE for regression)
+    distill: float = 0.0
 
     def __post_init__(self):
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ConfigError(f"learning rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ConfigError(f"distill weight must be in [0, 1], got {self.distill}")
+        if self.act_range_rel_lr is not None and not 0 < self.act_range_rel_lr < 1:
+            raise ConfigError(f"relative activation-range learning rate must be in (0, 1), got {self.act_range_rel_lr}")
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or self.batch_size < 1):
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.epochs is not None and not self.epochs > 0:
@@ -178,6 +190,43 @@ def set_attention_dropout(qm, rate: float) -> int:
     if n == 0:
         raise ValueError(f"no self-attention dropout found in this {qm.family} model")
     return n
+
+
+def distill_loss(teacher: nn.Module, weight: float):
+    """``loss_fn`` for :func:`pegq.train.train_loop`: ``(1 - weight) * task loss + weight * distillation``,
+    the distillation term the KL divergence from the FP32 teacher's class distribution to the student's
+    (temperature 1), or the MSE between the two predictions for a regression head."""
+
+    def loss_fn(batch: dict, out) -> torch.Tensor:
+        with torch.no_grad():
+            t = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        s = out.logits
+        if s.shape[-1] == 1:
+            kd = nn.functional.mse_loss(s.float(), t.float())
+        else:
+            kd = nn.functional.kl_div(s.float().log_softmax(-1), t.float().log_softmax(-1), log_target=True,
+                                      reduction="batchmean")
+        return kd if weight >= 1.0 else (1 - weight) * out.loss + weight * kd
+
+    return loss_fn
+
+
+def range_learning_rates(quantizers: dict, rel_lr: float) -> dict[int, float]:
+    """``{id(parameter): peak lr}`` for the learned ranges of ``quantizers``: ``rel_lr * s0`` for a scale
+    (``s0`` its current mean magnitude), ``rel_lr * (qmax - qmin)`` for a zero-point (integer units).
+
+    Why: Adam moves a parameter by about its learning rate per step whatever the gradient's size, and the
+    activation scales of one model span orders of magnitude (MiniLM W8A8: ~1e-3 for attention probabilities,
+    ~1 for the residual sums holding the outliers); with the model's learning rate (~2e-5) the large ones
+    cannot move in a short QAT run (median 0.3% over 480 steps, docs/results.md section 3).
+    """
+    lrs: dict[int, float] = {}
+    for q in quantizers.values():
+        if q.scale_param is not None and q.scale_param.requires_grad:
+            lrs[id(q.scale_param)] = rel_lr * float(q.scale_param.detach().abs().mean())
+        if q.zero_param is not None and q.zero_param.requires_grad:
+            lrs[id(q.zero_param)] = rel_lr * float(q.qmax - q.qmin)
+    return lrs
 
 
 def _scales(qm) -> dict[str, torch.Tensor]:
@@ -332,6 +381,9 @@ def qat(
     task, model, tokenizer = load_task_and_model(model_dir, task_name, data_dir, **(task_kwargs or {}))
     hp = (hparams or QATConfig()).resolved(grid, task.spec.name)
     loader = dev_loader(task, tokenizer, eval_batch_size, max_eval_examples, max_length=hp.max_length)
+    teacher = None
+    if hp.distill > 0:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False).to(device)
     qm = quantize(model, cfg)  # a bad override fails here, before any long evaluation
     if not any(q.enabled for q in qm.quantizers.values()):
         raise ConfigError(f"config {cfg.name!r} quantizes nothing; QAT needs quantized weights or activations")
@@ -368,10 +420,17 @@ def qat(
     train = task.train if not hp.max_train_examples else task.train[: hp.max_train_examples]
     train_ds = encode(train, tokenizer, task.spec, max_length=hp.max_length)
     train_loader = make_loader(train_ds, batch_size=hp.batch_size, shuffle=True, seed=hp.seed)
+    lr_overrides = None
+    if hp.act_range_rel_lr is not None:
+        weight_q = set(qm.weight_quantizers())
+        lr_overrides = range_learning_rates({n: q for n, q in enabled.items() if n not in weight_q},
+                                            hp.act_range_rel_lr)
     t0 = time.perf_counter()
     log = train_loop(qm, train_loader, epochs=hp.epochs, learning_rate=hp.learning_rate,
                      warmup_ratio=hp.warmup_ratio, weight_decay=hp.weight_decay, grad_clip=hp.grad_clip,
-                     state_dir=state_dir, progress=progress, desc="QAT", accelerator=accelerator)
+                     lr_overrides=lr_overrides, loss_fn=distill_loss(teacher, hp.distill) if teacher else None,
+                     state_dir=state_dir, progress=progress, desc="QAT",
+                     accelerator=accelerator)
     timings["train_s"] = time.perf_counter() - t0
     for q in enabled.values():
         q.freeze()

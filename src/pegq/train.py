@@ -121,6 +121,8 @@ def train_loop(
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
     extra_params: list | None = None,
+    lr_overrides: dict[int, float] | None = None,
+    loss_fn=None,
     state_dir: Path | None = None,
     progress: bool = True,
     desc: str = "fine-tuning",
@@ -130,7 +132,9 @@ def train_loop(
 
     With ``state_dir`` the state after each finished epoch is saved there, and a run that finds it
     resumes after the last finished epoch. With an ``accelerate.Accelerator`` it runs unchanged on
-    several devices (``accelerate launch``).
+    several devices (``accelerate launch``). ``lr_overrides`` maps ``id(parameter)`` to its own peak
+    learning rate (no weight decay for those; QAT's activation ranges), on the same warm-up/decay schedule.
+    ``loss_fn(batch, outputs)`` replaces the model's own loss (QAT's distillation).
     """
     from transformers import get_linear_schedule_with_warmup
 
@@ -138,7 +142,12 @@ def train_loop(
     if extra_params:
         ids = {id(p) for p in params}
         params += [p for p in extra_params if id(p) not in ids]
-    optim = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    groups: list[dict] = [{"params": [p for p in params if id(p) not in (lr_overrides or {})]}]
+    for lr in sorted(set((lr_overrides or {}).values())):
+        own = [p for p in params if (lr_overrides or {}).get(id(p)) == lr]
+        if own:
+            groups.append({"params": own, "lr": lr, "weight_decay": 0.0})
+    optim = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay)
     steps_per_epoch = len(train_loader)
     total = max(1, math.ceil(epochs * steps_per_epoch))
     sched = get_linear_schedule_with_warmup(optim, int(warmup_ratio * total), total)
@@ -171,7 +180,7 @@ def train_loop(
                 break
             batch = trim_batch(batch)
             out = model(**batch)
-            loss = out.loss
+            loss = out.loss if loss_fn is None else loss_fn(batch, out)
             if accelerator is not None:
                 accelerator.backward(loss)
             else:

@@ -156,3 +156,52 @@ def test_unknown_weight_dtype(tmp_path, one_thread):
     qm, _ = _tiny("w8a8")
     with pytest.raises(ExportError, match="weight_dtype"):
         export_onnx(qm, tmp_path / "x.onnx", weight_dtype="int4")
+
+
+# --------------------------------------------------------------------------- int8 deployment presets
+
+
+def test_minilm_peg_gemm_quantizes_only_matmul_inputs_and_matches(minilm, tmp_path):
+    """``peg-gemm``: activations quantized only where a matmul consumes them, PEG on the FFN input; the
+    export keeps every encoder matmul on int8 kernels and reproduces the simulated model per tensor."""
+    import copy
+
+    model, tok = minilm
+    calib = ["a gorgeous, witty, seductive movie.", "the story is predictable and the characters are thin.",
+             "it's a charming and often affecting journey.", "unfunny and lame."]
+    qm = pegq.quantize(copy.deepcopy(model), "peg-gemm")
+    acts = {n for n, q in qm.activation_quantizers().items() if q.enabled}
+    per_layer = ("attn.query", "attn.key", "attn.value", "attn.probs", "attn.context", "attn.layernorm",
+                 "ffn.intermediate", "ffn.layernorm")
+    assert acts == {"embeddings.layernorm", "pooler"} | {f"encoder.layer.{i}.{s}" for i in range(6)
+                                                          for s in per_layer}
+    assert qm.quantizers["encoder.layer.3.attn.layernorm"].granularity.kind == "peg"
+    w = qm.quantizers["encoder.layer.3.ffn.output.weight"]
+    assert w.granularity.kind == "tensor" and w.estimator.kind == "mse"
+    pegq.calibrate(qm, [dict(tok(calib, padding=True, return_tensors="pt"))], progress=False)
+    info = export_onnx(qm, tmp_path / "peg-gemm.onnx", weight_dtype="uint8")
+    assert info["peg_layers"] == 6
+    # per layer: Q, K, V, attention output, 6 FFN-input groups, FFN output, the 2 attention matmuls
+    assert kernel_report(info["path"])["int8_kernels"] == 6 * (4 + 6 + 1 + 2)
+    batch = dict(tok(["dull", "an utterly charming and hilarious film"], padding=True, return_tensors="pt"))
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert par["max_steps"] <= 1, {n: r for n, r in par["tensors"].items() if r["max_steps"] > 1}
+    assert par["forced_output_max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
+def test_deployment_presets_resolve_and_rewrite_on_every_family(family, one_thread):
+    from models_helpers import pad_id_of, padded_batch, tiny_model
+
+    m = tiny_model(family, True)
+    qm = pegq.quantize(m, "peg-gemm", overrides=["encoder.layer.*.attn.layernorm=peg4p"])  # d=16
+    names = [n for n, q in qm.activation_quantizers().items() if q.enabled]
+    assert not any(n.endswith(("residual_sum", ".ffn.output", ".attn.scores")) for n in names), names
+    pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
+    batch = padded_batch(pad_id_of(m), seed=2)
+    rewritten = prepare(qm)  # refuses anything without a per-tensor form
+    assert all(q.granularity.kind in ("tensor", "channel") for q in rewritten.quantizers.values() if q.enabled)
+    with torch.no_grad():
+        a, b = qm(**batch).logits, rewritten(**batch).logits
+    assert torch.allclose(a, b, atol=1e-4)
