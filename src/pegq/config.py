@@ -57,6 +57,10 @@ Presets (``pegq presets``; a preset name goes wherever a config path does):
   On BERT-base (161 activation quantizers) ``mp-ptq-res``/``mp-ptq-ffn``/``mp-ptq`` keep 12/36/38 of
   them at 16 bits; the paper's "36 of 161" is ``mp-ptq-ffn``, its best setup on the classification
   tasks (``mp-ptq`` adds the pooler and the logits, the STS-B setup of the paper's code).
+* Low-bit and QAT (section "low-bit and QAT" below): ``w6a32``, ``w4a32``, ``w8a32-e6/e4/e2``,
+  ``qat-w8a8``, ``qat-w4a8``, ``qat-w4a8-e2``.
+* int8 deployment on ONNX Runtime, not in the paper (section "int8 deployment" below): ``w8a8-gemm``
+  (activations quantized only where a matmul consumes them) and ``peg-gemm`` (+ PEG on the FFN input).
 """
 
 from __future__ import annotations

@@ -422,9 +422,8 @@ def qat(
     train_loader = make_loader(train_ds, batch_size=hp.batch_size, shuffle=True, seed=hp.seed)
     lr_overrides = None
     if hp.act_range_rel_lr is not None:
-        weight_q = set(qm.weight_quantizers())
-        lr_overrides = range_learning_rates({n: q for n, q in enabled.items() if n not in weight_q},
-                                            hp.act_range_rel_lr)
+        lr_overrides = range_learning_rates(
+            {n: q for n, q in qm.activation_quantizers().items() if q.enabled}, hp.act_range_rel_lr)
     t0 = time.perf_counter()
     log = train_loop(qm, train_loader, epochs=hp.epochs, learning_rate=hp.learning_rate,
                      warmup_ratio=hp.warmup_ratio, weight_decay=hp.weight_decay, grad_clip=hp.grad_clip,

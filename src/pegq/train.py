@@ -142,11 +142,9 @@ def train_loop(
     if extra_params:
         ids = {id(p) for p in params}
         params += [p for p in extra_params if id(p) not in ids]
-    groups: list[dict] = [{"params": [p for p in params if id(p) not in (lr_overrides or {})]}]
-    for lr in sorted(set((lr_overrides or {}).values())):
-        own = [p for p in params if (lr_overrides or {}).get(id(p)) == lr]
-        if own:
-            groups.append({"params": own, "lr": lr, "weight_decay": 0.0})
+    over = lr_overrides or {}
+    groups = [{"params": [p for p in params if id(p) not in over]}]
+    groups += [{"params": [p], "lr": over[id(p)], "weight_decay": 0.0} for p in params if id(p) in over]
     optim = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay)
     steps_per_epoch = len(train_loader)
     total = max(1, math.ceil(epochs * steps_per_epoch))
