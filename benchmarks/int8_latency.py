@@ -89,6 +89,19 @@ class _Reader:
         self.i = 0
 
 
+def skipped_variants(values: list[str], rows: list[str]) -> set[str]:
+    """The rows named by ``--skip-eval``: each value is a row name (names may hold commas, e.g. the
+    uint8-weight exports) or else a comma-separated list of them. An unknown name is an error."""
+    out: set[str] = set()
+    for v in values:
+        names = [v] if v in rows else [x.strip() for x in v.split(",") if x.strip()]
+        unknown = [n for n in names if n not in rows]
+        if unknown:
+            raise SystemExit(f"--skip-eval: no variant named {unknown[0]!r}; the rows are: {', '.join(rows)}")
+        out.update(names)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["minilm", "mpnet"], default="mpnet")
@@ -97,8 +110,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-examples", type=int, default=None, help="dev examples for accuracy (default: all)")
     ap.add_argument("--no-eval", action="store_true", help="skip the accuracy pass")
-    ap.add_argument("--skip-eval", default="", help="comma-separated variants without an accuracy pass, e.g. "
-                    "'PyTorch bf16' (slow on CPUs without native bf16)")
+    ap.add_argument("--skip-eval", action="append", default=[], metavar="VARIANT",
+                    help="a variant without an accuracy pass, by its exact row name, repeatable, e.g. "
+                    "--skip-eval 'PyTorch bf16' (slow on CPUs without native bf16); a value that is not a row "
+                    "name is split on commas")
     ap.add_argument("--presets", default="w8a8,mp-ptq,peg-ptq",
                     help="pegq presets to export, comma-separated (PEG ones also get a uint8-weight export)")
     ap.add_argument("--weight-estimator", choices=["current_minmax", "mse"], default=None,
@@ -256,6 +271,7 @@ def main(argv=None) -> int:
         loader = make_loader(encode(dev, tok, task.spec), batch_size=32)
     ref_logits = None
     rows_order = list(variants) + list(simulated)
+    skip_eval = skipped_variants(args.skip_eval, rows_order)
     for k in rows_order:
         r = {"latency_ms": lat.get(k, {})}
         v = variants.get(k)
@@ -263,7 +279,7 @@ def main(argv=None) -> int:
             r["bytes"] = v["bytes"]
             r["int8_kernels"] = v.get("int8_kernels")
         acc = logits = None
-        if loader is not None and k not in {x.strip() for x in args.skip_eval.split(",")}:
+        if loader is not None and k not in skip_eval:
             t0 = time.time()
             if k in simulated:
                 logits, labels = predict(simulated[k], loader, progress=False)

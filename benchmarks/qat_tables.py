@@ -63,6 +63,8 @@ def main(argv=None) -> None:
                     help="activation ranges learn at this rate relative to their size (default: at the model's lr)")
     ap.add_argument("--qat-distill", type=float, default=0.0, help="weight of FP32-logit distillation (0: paper)")
     ap.add_argument("--qat-act-estimator", default=None, help="PTQ init of the QAT activation ranges")
+    ap.add_argument("--qat-weight-estimator", default=None, choices=["current_minmax", "mse"],
+                    help="PTQ init of the QAT weight ranges (MPNet's outlier weights want mse)")
     ap.add_argument("--adaround-iters", type=int, default=10_000)
     ap.add_argument("--adaround-samples", type=int, default=1024)
     ap.add_argument("--adaround-batch-rows", type=int, default=1024)
@@ -114,7 +116,7 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             print(f"== {label} ({preset}) ==", flush=True)
             if kind == "qat":
-                cfg = config_from_cli(preset, None, args.qat_act_estimator, None, None, None)
+                cfg = config_from_cli(preset, args.qat_weight_estimator, args.qat_act_estimator, None, None, None)
                 r = qat(str(ckpt), TASK, cfg, out / key, hparams=hp, progress=progress, fp32_score=fp32,
                         overwrite=True)
             else:

@@ -69,3 +69,48 @@ def test_train_loop_gives_overridden_parameters_their_own_learning_rate():
     assert torch.allclose(da, torch.full((3,), 1e-2), rtol=1e-3), da  # no decay on a
     assert torch.allclose(db, torch.full((3,), 1e-4 * (1 + 0.5)), rtol=0.7), db  # step + decoupled decay
     assert da.min() > 50 * db.max()
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    """A run killed in epoch 2 and restarted resumes after epoch 1 and ends with exactly the weights of an
+    uninterrupted run: the shuffle order of the later epochs and the dropout RNG are restored too."""
+    from types import SimpleNamespace
+
+    from pegq.data import make_loader
+    from pegq.train import train_loop
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = torch.nn.Linear(4, 1)
+            self.drop = torch.nn.Dropout(0.3)
+
+        def forward(self, x, y):
+            return SimpleNamespace(loss=((self.lin(self.drop(x)).squeeze(-1) - y) ** 2).mean())
+
+    g = torch.Generator().manual_seed(1)
+    data = [{"x": torch.randn(4, generator=g), "y": torch.randn((), generator=g)} for _ in range(24)]
+
+    def run(state_dir, fail_at=None):
+        torch.manual_seed(0)
+        m = Net()
+        calls = {"n": 0}
+
+        def loss_fn(batch, out):
+            calls["n"] += 1
+            if fail_at is not None and calls["n"] == fail_at:
+                raise KeyboardInterrupt("killed")
+            return out.loss
+
+        loader = make_loader(data, batch_size=4, shuffle=True, seed=0)
+        train_loop(m, loader, epochs=3, learning_rate=1e-2, loss_fn=loss_fn, state_dir=state_dir, progress=False)
+        return m, calls["n"]
+
+    ref, n_ref = run(None)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "state", fail_at=9)  # 6 steps per epoch: dies in epoch 2
+    resumed, n = run(tmp_path / "state")
+    assert n == n_ref - 6  # epoch 1 was not redone
+    for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), (a, b)

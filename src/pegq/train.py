@@ -72,6 +72,18 @@ class FinetuneConfig:
         return c
 
 
+def loader_generator(loader) -> torch.Generator | None:
+    """The ``torch.Generator`` that orders a shuffled DataLoader (also under accelerate's wrapper), or None."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    inner = getattr(batch_sampler, "batch_sampler", None)  # accelerate's BatchSamplerShard wraps the original
+    for obj in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None),
+                getattr(inner, "sampler", None), getattr(loader, "base_dataloader", None)):
+        gen = getattr(obj, "generator", None)
+        if isinstance(gen, torch.Generator):
+            return gen
+    return None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -165,6 +177,9 @@ def train_loop(
         optim.load_state_dict(st["optim"])
         sched.load_state_dict(st["sched"])
         torch.set_rng_state(st["rng"])
+        gen = loader_generator(train_loader)
+        if gen is not None and st.get("loader_rng") is not None:
+            gen.set_state(st["loader_rng"])
         start_epoch, log = st["epoch"], st["log"]
         print(f"resuming after epoch {start_epoch} from {state_dir}")
     step = start_epoch * steps_per_epoch
@@ -204,6 +219,10 @@ def train_loop(
                         "optim": optim.state_dict(),
                         "sched": sched.state_dict(),
                         "rng": torch.get_rng_state(),
+                        # the shuffle order of the next epochs: without it a resumed run would replay
+                        # epoch 1's order and end elsewhere than an uninterrupted one
+                        "loader_rng": None if loader_generator(train_loader) is None
+                        else loader_generator(train_loader).get_state(),
                         "epoch": epoch + 1,
                         "log": log,
                     },
