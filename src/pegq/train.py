@@ -171,15 +171,15 @@ def train_loop(
     main = is_main_process(accelerator)
     log: list[dict] = []
     start_epoch = 0
+    shuffle_gen = loader_generator(train_loader)
     if state_dir is not None and (state_dir / "state.pt").exists():
         st = torch.load(state_dir / "state.pt", weights_only=False, map_location="cpu")
         plain.load_state_dict(st["model"])
         optim.load_state_dict(st["optim"])
         sched.load_state_dict(st["sched"])
         torch.set_rng_state(st["rng"])
-        gen = loader_generator(train_loader)
-        if gen is not None and st.get("loader_rng") is not None:
-            gen.set_state(st["loader_rng"])
+        if shuffle_gen is not None and st.get("loader_rng") is not None:
+            shuffle_gen.set_state(st["loader_rng"])
         start_epoch, log = st["epoch"], st["log"]
         print(f"resuming after epoch {start_epoch} from {state_dir}")
     step = start_epoch * steps_per_epoch
@@ -221,8 +221,7 @@ def train_loop(
                         "rng": torch.get_rng_state(),
                         # the shuffle order of the next epochs: without it a resumed run would replay
                         # epoch 1's order and end elsewhere than an uninterrupted one
-                        "loader_rng": None if loader_generator(train_loader) is None
-                        else loader_generator(train_loader).get_state(),
+                        "loader_rng": None if shuffle_gen is None else shuffle_gen.get_state(),
                         "epoch": epoch + 1,
                         "log": log,
                     },

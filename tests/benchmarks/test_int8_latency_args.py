@@ -1,6 +1,7 @@
 """benchmarks/int8_latency.py: --skip-eval names rows exactly, including names that hold commas."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def bench():
     spec = importlib.util.spec_from_file_location("int8_latency", ROOT / "benchmarks" / "int8_latency.py")
     mod = importlib.util.module_from_spec(spec)
-    import sys
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         spec.loader.exec_module(mod)
