@@ -14,7 +14,9 @@ Rows, all on the CPU with ``--threads`` intra-op threads (default 2):
   excluded because quantizing them corrupts the bucket indices);
 * pegq's exports (``pegq.export.onnx.export_onnx``) of the paper's per-tensor W8A8, MP-PTQ (16-bit FFN
   activations) and PEG-PTQ (K=6, permuted; rewritten into per-tensor ops), each calibrated like
-  ``pegq ptq``; PEG also with uint8 weights (bit-exact with the simulation on CPUs without VNNI);
+  ``pegq ptq``; PEG also with uint8 weights (bit-exact with the simulation on CPUs without VNNI;
+  ``--weight-dtypes`` picks the weight storages of every export, ``auto`` = uint8 only for the PEG
+  groups' split matmuls);
   ``--presets`` picks others (e.g. ``peg-12p``, the int8 deployment presets ``w8a8-gemm`` / ``peg-gemm``,
   or a JSON/YAML config file), ``--weight-estimator mse`` their weight ranges;
 * accuracy-only rows: the same pegq models simulated in PyTorch (fake quantization).
@@ -48,8 +50,9 @@ from common import cache_dir, model_path  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+WEIGHT_LABELS = {"int8": "", "uint8": ", uint8 weights", "auto": ", uint8 group weights"}
 PEGQ_LABELS = {"w8a8": "pegq W8A8", "mp-ptq": "pegq MP-PTQ", "peg-ptq": "pegq PEG-PTQ",
-               "w8a8-gemm": "pegq W8A8-gemm", "peg-gemm": "pegq PEG-gemm"}
+               "w8a8-gemm": "pegq W8A8-gemm", "peg-gemm": "pegq PEG-gemm", "peg-outlier-gemm": "pegq PEG-outlier-gemm"}
 
 
 def checkpoint(name: str) -> tuple[Path, bool]:
@@ -116,11 +119,18 @@ def main(argv=None) -> int:
                     "name is split on commas")
     ap.add_argument("--presets", default="w8a8,mp-ptq,peg-ptq",
                     help="pegq presets to export, comma-separated (PEG ones also get a uint8-weight export)")
+    ap.add_argument("--weight-dtypes", default=None, metavar="DTYPES",
+                    help="weight storage of every pegq export, comma-separated from int8, uint8, auto (uint8 only for "
+                    "the PEG groups' split matmuls); default: int8, plus uint8 for PEG presets")
     ap.add_argument("--weight-estimator", choices=["current_minmax", "mse"], default=None,
                     help="weight range estimator of the pegq presets (default: theirs, min-max; MPNet needs mse)")
     ap.add_argument("--workdir", default=None, help="keep the ONNX files here (default: a temporary folder)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    dtypes = [d.strip() for d in (args.weight_dtypes or "").split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in ("int8", "uint8", "auto")]
+    if bad:
+        raise SystemExit(f"--weight-dtypes: {bad[0]!r} is not a weight storage; allowed: int8, uint8, auto")
 
     import numpy as np
     import onnxruntime as ort
@@ -138,6 +148,7 @@ def main(argv=None) -> int:
     from pegq.io import atomic_write_json
     from pegq.models import load_model
     from pegq.pipeline import calibration_batches, config_from_cli
+    from pegq.quant import PerEmbeddingGroup
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -225,13 +236,13 @@ def main(argv=None) -> int:
         label = PEGQ_LABELS.get(cfg.name, f"pegq {cfg.name}")
         qm = quantize(copy.deepcopy(model), cfg)
         calibrate(qm, calibration_batches(task, tok, cfg), progress=False)
-        path = workdir / f"pegq_{cfg.name}.onnx"
-        export_onnx(qm, path)
-        variants[f"{label} (ORT)"] = ort_variant(path)
-        if cfg.name.startswith("peg"):
-            p8 = workdir / f"pegq_{cfg.name}_uint8w.onnx"
-            export_onnx(qm, p8, weight_dtype="uint8")
-            variants[f"{label} (ORT, uint8 weights)"] = ort_variant(p8)
+        has_peg = any(isinstance(q.granularity, PerEmbeddingGroup) for q in qm.quantizers.values() if q.enabled)
+        for dt in dtypes or (["int8", "uint8"] if cfg.name.startswith("peg") else ["int8"]):
+            if dt == "auto" and not has_peg:
+                continue  # no split matmuls: the same file as int8
+            path = workdir / f"pegq_{cfg.name}_{dt}w.onnx"
+            export_onnx(qm, path, weight_dtype=dt)
+            variants[f"{label} (ORT{WEIGHT_LABELS[dt]})"] = ort_variant(path)
         simulated[f"{label} (simulated)"] = qm
         console.print(f"{label}: calibrated + exported in {time.time() - t0:.0f} s")
 
@@ -313,6 +324,7 @@ def main(argv=None) -> int:
     for sk in shape_keys:
         t.add_column(f"{sk} ms", justify="right")
         t.add_column("x FP32", justify="right")
+    t.add_column(f"x ORT static ({shape_keys[-1]})", justify="right")
     for c in ("size MiB", "cosine", "accuracy", "int8 kernels"):
         t.add_column(c, justify="right")
     for k, r in results.items():
@@ -321,6 +333,8 @@ def main(argv=None) -> int:
             ms = r["latency_ms"].get(sk)
             base = results["PyTorch FP32"]["latency_ms"][sk]
             cells += [f"{ms:.1f}" if ms else "-", f"{ms / base:.2f}" if ms else "-"]
+        ms, st = r["latency_ms"].get(shape_keys[-1]), results.get("ORT static int8", {}).get("latency_ms", {})
+        cells.append(f"{ms / st[shape_keys[-1]]:.2f}" if ms and st.get(shape_keys[-1]) else "-")
         cells.append(f"{r['bytes'] / 2**20:.1f}" if "bytes" in r else "-")
         cells.append(f"{r['cosine']:.4f}" if "cosine" in r else "-")
         cells.append(f"{r['accuracy']:.2f}" if r.get("accuracy") is not None else "n/a")
@@ -331,15 +345,15 @@ def main(argv=None) -> int:
     checks = {}
     sk = shape_keys[-1]
     static, bf = results.get("ORT static int8"), results.get("PyTorch bf16")
-    for name in [k[: -len(" (ORT)")] for k in results if k.startswith("pegq PEG") and k.endswith(" (ORT)")]:
-        peg = results[f"{name} (ORT)"]
+    for row in [k for k in results if k.lower().startswith("pegq peg") and " (ORT" in k]:
+        name, peg = row, results[row]
         if not (static and bf and sk in peg["latency_ms"]):
             continue
         c = {"over_static": peg["latency_ms"][sk] / static["latency_ms"][sk],
              "over_bf16": peg["latency_ms"][sk] / bf["latency_ms"][sk], "cosine": peg.get("cosine")}
         if peg.get("accuracy") is not None:
             c["accuracy_drop"] = results["PyTorch FP32"]["accuracy"] - peg["accuracy"]
-            sim = results.get(f"{name} (simulated)", {}).get("accuracy")
+            sim = results.get(f"{row.split(' (ORT')[0]} (simulated)", {}).get("accuracy")
             if sim is not None:
                 c["ort_minus_simulated"] = peg["accuracy"] - sim
         checks[name] = c

@@ -118,3 +118,14 @@ def test_config_file_load(tmp_path):
     assert p.read_text() == before
     with pytest.raises(ConfigError, match="does not exist"):
         QuantConfig.load(tmp_path / "missing.json")
+
+
+def test_outlier_group_token_round_trips():
+    from pegq.config import parse_override
+
+    o = parse_override("encoder.layer.*.ffn.intermediate=peg2po16")
+    assert (o.granularity, o.groups, o.permute, o.outliers) == ("peg", 2, True, 16)
+    assert parse_override(o.text()) == o
+    assert parse_override("x=peg6p").outliers == 0
+    with pytest.raises(ConfigError, match="K >= 2"):
+        parse_override("x=peg1po4")

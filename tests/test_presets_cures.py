@@ -346,17 +346,23 @@ def test_permuted_peg_equals_unpermuted_peg_on_permuted_data(K):
         assert not torch.equal(qp.group_index, group_index_from_perm(torch.arange(d), K))
 
 
-def test_prepare_permutations_shares_the_ffn_output_permutation(minilm_cls):
-    """Section 4: one permutation per layer for FFN input, output and residual sum, from the FP32 ranges
-    of the FFN output on the calibration data."""
+def _permuted_with(minilm_cls, preset: str):
+    """MiniLM configured with ``preset``, ranges reset, permutations prepared on two sentences."""
     qm, tok = minilm_cls
-    apply_config(qm, get_preset("peg-ptq"))
+    apply_config(qm, get_preset(preset))
     batches = [dict(tok([s], padding="max_length", max_length=24, return_tensors="pt"))
                for s in ("an engrossing tale .", "it never finds its footing , sadly .")]
     for q in qm.quantizers.values():
         if q.enabled:
             q.reset()
     prepare_permutations(qm, batches)
+    return qm, batches
+
+
+def test_prepare_permutations_shares_the_ffn_output_permutation(minilm_cls):
+    """Section 4: one permutation per layer for FFN input, output and residual sum, from the FP32 ranges
+    of the FFN output on the calibration data."""
+    qm, batches = _permuted_with(minilm_cls, "peg-ptq")
     with quantizers_off(qm), qm.capture("encoder.layer.*.ffn.output") as store:
         for b in batches:
             qm(**b)
@@ -374,6 +380,21 @@ def test_prepare_permutations_shares_the_ffn_output_permutation(minilm_cls):
     top = torch.topk(r, 8).indices
     gi = qm.quantizers[last].group_index
     assert set(gi[top].tolist()) == {5}
+
+
+def test_peg_on_the_ffn_input_alone_takes_its_own_permutation(minilm_cls):
+    """Int8 deployment presets PEG-quantize only the FFN input (its FFN output and residual sum stay
+    float): its permutation then comes from its own FP32 ranges, so its widest dims form the last group."""
+    qm, batches = _permuted_with(minilm_cls, "peg-gemm")
+    name = qm.ffn_names(2)["input"]
+    with quantizers_off(qm), qm.capture([name, qm.ffn_names(2)["output"]]) as store:
+        for b in batches:
+            qm(**b)
+    xs = torch.cat([x.reshape(-1, x.shape[-1]) for x in store[name]])
+    own = torch.argsort(xs.amax(0) - xs.amin(0), stable=True)
+    assert torch.equal(qm.quantizers[name].perm, own)
+    ys = torch.cat([x.reshape(-1, x.shape[-1]) for x in store[qm.ffn_names(2)["output"]]])
+    assert not torch.equal(own, torch.argsort(ys.amax(0) - ys.amin(0), stable=True))
 
 
 # --------------------------------------------------------------------------- 4. ptq job reports the share

@@ -23,7 +23,8 @@ TOKENs, case-insensitive:
 ``channel[AXIS]``      per-channel (default axis 0)
 ``emb``/``embedding``  per-embedding (last dim, paper eq. 4)
 ``peg<K>``             per-embedding-group with K groups (eq. 5); ``peg<K>p`` adds the
-                       range-based permutation
+                       range-based permutation; ``peg<K>po<M>`` makes the last group the M
+                       largest-range dims and splits the rest evenly (not in the paper)
 ``minmax`` ``running`` ``mse``  range estimator (current min-max, running min-max, MSE)
 ``sym`` ``asym``       symmetric / asymmetric grid
 ``optional``           no error when the pattern matches no quantizer (e.g. a head
@@ -60,7 +61,9 @@ Presets (``pegq presets``; a preset name goes wherever a config path does):
 * Low-bit and QAT (section "low-bit and QAT" below): ``w6a32``, ``w4a32``, ``w8a32-e6/e4/e2``,
   ``qat-w8a8``, ``qat-w4a8``, ``qat-w4a8-e2``.
 * int8 deployment on ONNX Runtime, not in the paper (section "int8 deployment" below): ``w8a8-gemm``
-  (activations quantized only where a matmul consumes them) and ``peg-gemm`` (+ PEG on the FFN input).
+  (activations quantized only where a matmul consumes them), ``peg-gemm`` (+ PEG on the FFN input) and
+  ``peg-outlier-gemm`` (+ per-channel encoder weights and a 16-dim outlier group, ``peg2po16``, on the FFN
+  input and the FFN hidden activation).
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class QuantizerSettings:
     axis: int = 0
     groups: int = 1
     permute: bool = False
+    outliers: int = 0  # PEG: size of a small last group (the largest-range dims); 0 = even groups
     estimator: str = "current_minmax"
     momentum: float = 0.9
 
@@ -118,6 +122,11 @@ class QuantizerSettings:
             raise ConfigError(str(e)) from None
         if self.granularity == "peg" and self.groups < 1:
             raise ConfigError(f"PEG needs groups >= 1, got {self.groups}")
+        if self.granularity == "peg" and self.outliers and (self.outliers < 0 or self.groups < 2):
+            raise ConfigError(
+                f"a PEG outlier group (outliers={self.outliers}) needs outliers > 0 and groups >= 2, got "
+                f"groups={self.groups}; e.g. peg2po16"
+            )
 
     def make_granularity(self) -> Granularity:
         if self.granularity == "tensor":
@@ -126,13 +135,13 @@ class QuantizerSettings:
             return PerChannel(self.axis)
         if self.granularity == "embedding":
             return PerEmbedding()
-        return PerEmbeddingGroup(self.groups, self.permute)
+        return PerEmbeddingGroup(self.groups, self.permute, self.outliers)
 
     def short(self) -> str:
         if self.bits is None:
             return "off"
         g = {"tensor": "tensor", "channel": f"channel{self.axis}", "embedding": "emb"}.get(
-            self.granularity, f"peg{self.groups}{'p' if self.permute else ''}"
+            self.granularity, _peg_token(self.groups, self.permute, self.outliers)
         )
         return f"{self.bits}b,{'sym' if self.symmetric else 'asym'},{g},{self.estimator}"
 
@@ -148,6 +157,7 @@ class Override:
     axis: int | None = None
     groups: int | None = None
     permute: bool | None = None
+    outliers: int | None = None
     estimator: str | None = None
     optional: bool = False  # a preset's pattern that may match nothing on some families (no error)
 
@@ -155,7 +165,7 @@ class Override:
         changes: dict[str, Any] = {}
         if self.bits != "keep":
             changes["bits"] = self.bits
-        for f in ("symmetric", "granularity", "axis", "groups", "permute", "estimator"):
+        for f in ("symmetric", "granularity", "axis", "groups", "permute", "outliers", "estimator"):
             v = getattr(self, f)
             if v is not None:
                 changes[f] = v
@@ -169,7 +179,7 @@ class Override:
         if self.bits != "keep":
             toks.append("off" if self.bits is None else str(self.bits))
         if self.granularity == "peg":
-            toks.append(f"peg{self.groups}{'p' if self.permute else ''}")
+            toks.append(_peg_token(self.groups, self.permute, self.outliers or 0))
         elif self.granularity == "channel":
             toks.append(f"channel{self.axis or 0}")
         elif self.granularity == "embedding":
@@ -187,7 +197,12 @@ class Override:
 
 
 _BITS_RE = re.compile(r"^[aw]?(\d+)b?$")
-_PEG_RE = re.compile(r"^peg(\d+)(p?)$")
+_PEG_RE = re.compile(r"^peg(\d+)(p?)(?:o(\d+))?$")
+
+
+def _peg_token(groups: int, permute: bool, outliers: int) -> str:
+    """``peg<K>[p][o<M>]``: K groups, range-based permutation, a last group of M outlier dims."""
+    return f"peg{groups}{'p' if permute else ''}{f'o{outliers}' if outliers else ''}"
 _CHANNEL_RE = re.compile(r"^channel(\d*)$")
 
 
@@ -219,8 +234,14 @@ def parse_override(text: str) -> Override:
             o.granularity = "embedding"
         elif m := _PEG_RE.match(t):
             o.granularity, o.groups, o.permute = "peg", int(m.group(1)), bool(m.group(2))
+            o.outliers = int(m.group(3)) if m.group(3) else 0
             if o.groups < 1:
                 raise ConfigError(f"override {text!r}: PEG needs at least 1 group")
+            if m.group(3) and (o.outliers < 1 or o.groups < 2):
+                raise ConfigError(
+                    f"override {text!r}: a PEG outlier group needs at least 1 dim and K >= 2 groups; "
+                    f"e.g. peg2po16 (16 outlier dims + one group for the rest)"
+                )
         elif m := _CHANNEL_RE.match(t):
             o.granularity, o.axis = "channel", int(m.group(1) or 0)
         elif t in ("sym", "symmetric"):
@@ -235,7 +256,7 @@ def parse_override(text: str) -> Override:
             except ValueError:
                 raise ConfigError(
                     f"override {text!r}: unknown token {t!r}; allowed: off, a<bits>/w<bits>, tensor, "
-                    f"channel[AXIS], emb, peg<K>[p], minmax, running, mse, sym, asym, optional"
+                    f"channel[AXIS], emb, peg<K>[p][o<M>], minmax, running, mse, sym, asym, optional"
                 ) from None
     return o
 
@@ -406,6 +427,7 @@ PRESETS: dict[str, Any] = {
 FFN_INPUT = "encoder.layer.*.attn.layernorm"
 FFN_OUTPUT = "encoder.layer.*.ffn.output"
 FFN_RESIDUAL_SUM = "encoder.layer.*.ffn.residual_sum"
+FFN_HIDDEN = "encoder.layer.*intermediate"  # the second FFN Linear's input (MobileBERT: every stacked FFN's too)
 FFN_TENSORS = (FFN_INPUT, FFN_OUTPUT, FFN_RESIDUAL_SUM)
 # "final output" (Table 4, double dagger): the head's activations -- the pooler (BERT) or the dense layer
 # of a RoBERTa-style head, and the logits with the MSE range estimator; optional because a bare encoder
@@ -536,6 +558,12 @@ _DEPLOY: dict[str, tuple[str, list[str]]] = {
     "peg-gemm": ("int8 deployment (not in the paper): as w8a8-gemm, plus PEG K=6 with the range-based "
                  "permutation on the FFN input (the only matmul input that carries the residual outliers); "
                  "exported as 6 per-tensor int8 matmuls", [f"{FFN_INPUT}=peg6p"]),
+    "peg-outlier-gemm": ("int8 deployment (not in the paper): as w8a8-gemm with per-output-channel encoder "
+                         "weights, plus PEG with one 16-dim outlier group (peg2po16: the 16 widest-range dims "
+                         "get their own range, every other dim one narrow range) on the FFN input and on the "
+                         "FFN hidden activation (the second FFN Linear's input); exported as 2-way split "
+                         "int8 matmuls", [f"{FFN_INPUT}=peg2po16", f"{FFN_HIDDEN}=peg2po16",
+                                           "encoder.layer.*.weight=channel"]),
 }
 
 

@@ -7,7 +7,8 @@ the groups, so the outlier dims end up together.
 Sharing (paper section 4): FFN input (``attn.layernorm``), FFN output (``ffn.output``) and the residual
 sum (``ffn.residual_sum``) of a layer use ONE permutation, computed from the ranges of the FFN output
 ("the outliers in the output dominate the ones from the input"). Any other permuted PEG quantizer gets
-a permutation from its own tensor's ranges.
+a permutation from its own tensor's ranges; so does a PEG FFN input whose layer has neither its FFN output
+nor its residual sum PEG-quantized (the int8 deployment presets, where those stay float).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def prepare_permutations(qm, batches, device="cpu") -> float:
     for i in range(qm.num_layers):
         names = qm.ffn_names(i)
         group = [names["input"], names["output"], names["residual_sum"]]
+        if not any(n in targets for n in group[1:]):
+            continue  # PEG on the FFN input alone (int8 deployment presets): its own widest dims
         for n in group:
             if n in targets:
                 source[n] = names["output"]

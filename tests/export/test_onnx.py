@@ -3,6 +3,8 @@ low-bit types, every family, and unsupported inputs refused with the reason."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from export_helpers import peg_tiny
@@ -27,7 +29,8 @@ def test_minilm_peg_export_runs_int8_kernels_and_matches_per_tensor(minilm_peg, 
     assert info["quantizers"] == {"activation:uint8": 173, "weight:uint8": 71}
     assert info["folds"]["split_concat"] == 6 and info["folds"]["sum"] == 6  # group DQ feeds its MatMul
     meta = metadata(path)
-    assert meta["pegq.peg_rewrite"]["encoder.layer.0.ffn"] == {"layer": 0, "groups": 6, "permuted": True}
+    assert meta["pegq.peg_rewrite"]["encoder.layer.0.ffn"] == {"layer": 0, "groups": 6, "sizes": [64] * 6,
+                                                                "permuted": True}
     q = meta["pegq.quantizers"]["encoder.layer.4.ffn.residual_sum.g5"]
     assert q["dtype"] == "uint8" and q["scale"] > 0
 
@@ -64,6 +67,40 @@ def test_families_export_parity(family, tmp_path, one_thread):
     qm, batch = peg_tiny(family, head=True)
     info = export_onnx(qm, tmp_path / f"{family}.onnx", weight_dtype="uint8")
     assert info["peg_layers"] == qm.num_layers
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert par["max_steps"] <= 1, par["tensors"]
+    assert par["forced_output_max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["bert", "mobilebert"])
+def test_outlier_group_export_parity(family, tmp_path, one_thread):
+    """PEG with an outlier group (peg2po4) exports as a 2-way split of unequal widths, each part on an
+    int8 kernel, and matches the simulated model per tensor."""
+    qm, batch = peg_tiny(family, head=True, token="peg2po4")
+    info = export_onnx(qm, tmp_path / f"{family}.onnx", weight_dtype="uint8")
+    blocks = metadata(info["path"])["pegq.peg_rewrite"]
+    assert blocks and all(len(v["sizes"]) == 2 and v["sizes"][1] == 4 for v in blocks.values())
+    assert info["folds"]["split_concat"] == len(blocks)
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert par["max_steps"] <= 1, par["tensors"]
+    assert par["forced_output_max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "mobilebert"])
+def test_hidden_outlier_split_export_parity(family, tmp_path, one_thread):
+    """PEG with an outlier group on the FFN hidden activation exports as a bulk int8 matmul plus an int8
+    matmul on the gathered outlier columns, and matches the simulated model per tensor."""
+    qm, batch = peg_tiny(family, head=True, extra=["encoder.layer.*intermediate=peg2po4"])
+    info = export_onnx(qm, tmp_path / f"{family}.onnx", weight_dtype="auto")
+    meta = metadata(info["path"])
+    hidden = {k: v for k, v in meta["pegq.peg_rewrite"].items() if k.endswith("intermediate")}
+    assert hidden and all(v["sizes"][1] == 4 and v["outlier_split"] for v in hidden.values())
+    # auto: uint8 storage exactly for the split Linears' weights
+    wq = {k: v["dtype"] for k, v in meta["pegq.quantizers"].items() if v["kind"] == "weight"}
+    assert {k for k, v in wq.items() if v == "uint8"} == {k for k in wq if re.search(r"\.g\d+\.weight$", k)}
+    assert any(v == "int8" for v in wq.values())
     par = per_tensor_parity(prepare(qm), info["path"], batch)
     assert par["missing"] == [] and par["weight_max_steps"] == 0
     assert par["max_steps"] <= 1, par["tensors"]
@@ -190,18 +227,56 @@ def test_minilm_peg_gemm_quantizes_only_matmul_inputs_and_matches(minilm, tmp_pa
     assert par["forced_output_max_abs_diff"] <= 1e-5
 
 
+def test_minilm_peg_outlier_gemm_export_matches(minilm, tmp_path):
+    """``peg-outlier-gemm`` on the real MiniLM: the 16 widest-range dims of the FFN input and of the FFN hidden
+    activation get their own range; the export runs every part of both FFN Linears on int8 kernels and
+    matches per tensor."""
+    import copy
+
+    model, tok = minilm
+    calib = ["a gorgeous, witty, seductive movie.", "the story is predictable and the characters are thin.",
+             "it's a charming and often affecting journey.", "unfunny and lame."]
+    qm = pegq.quantize(copy.deepcopy(model), "peg-outlier-gemm")
+    pegq.calibrate(qm, [dict(tok(calib, padding=True, return_tensors="pt"))], progress=False)
+    q = qm.quantizers["encoder.layer.2.ffn.intermediate"]
+    assert q.granularity.sizes(1536) == [1520, 16]
+    assert q.scale[1] > 2 * q.scale[0]  # the outlier group's range is the wider one
+    info = export_onnx(qm, tmp_path / "peg-outlier-gemm.onnx", weight_dtype="auto")
+    # per layer: Q, K, V, attention output, FFN input and FFN hidden (each bulk + outliers), the 2 attention
+    # matmuls
+    assert kernel_report(info["path"])["int8_kernels"] == 6 * (4 + 2 + 2 + 2)
+    assert qm.quantizers["encoder.layer.2.attn.layernorm"].granularity.sizes(384) == [368, 16]
+    batch = dict(tok(["dull", "an utterly charming and hilarious film"], padding=True, return_tensors="pt"))
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert par["tensors"]["encoder.layer.2.ffn.intermediate.g1"]["max_steps"] <= 1
+    assert all(r["frac_diff"] <= 0.01 for r in par["tensors"].values()), par["tensors"]
+    assert par["forced_output_max_abs_diff"] <= 1e-4
+
+
 @pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
-def test_deployment_presets_resolve_and_rewrite_on_every_family(family, one_thread):
+@pytest.mark.parametrize("preset", ["peg-gemm", "peg-outlier-gemm"])
+def test_deployment_presets_resolve_and_rewrite_on_every_family(family, preset, one_thread):
     from models_helpers import pad_id_of, padded_batch, tiny_model
 
+    from pegq.export.rewrite import OutlierSplitLinear
+
     m = tiny_model(family, True)
-    qm = pegq.quantize(m, "peg-gemm", overrides=["encoder.layer.*.attn.layernorm=peg4p"])  # d=16
+    # d=16: K=4 groups / a 4-dim outlier group on the FFN input (the presets' K=6 / 16 need a wider model)
+    extra = ["encoder.layer.*.attn.layernorm=" + ("peg4p" if preset == "peg-gemm" else "peg2po4")]
+    qm = pegq.quantize(m, preset, overrides=extra)
+    if preset == "peg-outlier-gemm":
+        hidden = [n for n, q in qm.activation_quantizers().items() if n.endswith("intermediate")]
+        assert hidden and all(qm.quantizers[n].granularity.outliers == 16 for n in hidden)
+        assert qm.quantizers["encoder.layer.0.attn.query.weight"].granularity.kind == "channel"
     names = [n for n, q in qm.activation_quantizers().items() if q.enabled]
     assert not any(n.endswith(("residual_sum", ".ffn.output", ".attn.scores")) for n in names), names
     pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
     batch = padded_batch(pad_id_of(m), seed=2)
     rewritten = prepare(qm)  # refuses anything without a per-tensor form
     assert all(q.granularity.kind in ("tensor", "channel") for q in rewritten.quantizers.values() if q.enabled)
+    if preset == "peg-outlier-gemm":
+        assert len([x for x in rewritten.modules() if isinstance(x, OutlierSplitLinear)]) == len(hidden)
     with torch.no_grad():
         a, b = qm(**batch).logits, rewritten(**batch).logits
     assert torch.allclose(a, b, atol=1e-4)

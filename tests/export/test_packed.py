@@ -64,6 +64,19 @@ def test_mixed_bits_round_trip_is_identical(tmp_path, one_thread):
     assert "bert.encoder.layer.0.output.dense.weight" not in sd  # no FP32 copy
 
 
+def test_outlier_group_round_trip(tmp_path, one_thread):
+    """PEG with an outlier group (FFN tensors and the FFN hidden activation) survives save/load."""
+    qm, batch = peg_tiny("roberta", head=True, token="peg2po4", extra=["encoder.layer.*intermediate=peg2po8"])
+    save_packed(qm, tmp_path / "p")
+    loaded, _ = load_packed(tmp_path / "p")
+    with torch.no_grad():
+        assert torch.equal(main_output(qm(**batch)), main_output(loaded(**batch)))
+    for n in ("encoder.layer.0.ffn.residual_sum", "encoder.layer.1.ffn.intermediate"):
+        assert loaded.quantizers[n].granularity == qm.quantizers[n].granularity
+        assert torch.equal(loaded.quantizers[n].group_index, qm.quantizers[n].group_index)
+    assert loaded.quantizers["encoder.layer.1.ffn.intermediate"].granularity.outliers == 8
+
+
 def test_minilm_round_trip_and_size(minilm_peg, tmp_path):
     qm, tok, batch = minilm_peg
     info = save_packed(qm, tmp_path / "m", tokenizer=tok)

@@ -35,10 +35,17 @@ def assert_within_one_step(sim, rq, batch) -> int:
             base, g = m.group(1), int(m.group(2))
             want = sim.quantizers[base](cs[base][0])
             info = next(v for v in rq.peg_rewrite.values() if any(n in pts for pts in v["points"].values()))
-            if info["perm"] is not None:
+            if info.get("outlier_split"):  # g0: the whole input, compared on the bulk dims; g1: gathered
+                bulk = info["perm"][: info["sizes"][0]]
+                if g == 0:
+                    got, want = got.index_select(-1, bulk), want.index_select(-1, bulk)
+                else:
+                    want = want.index_select(-1, info["perm"][info["sizes"][0]:])
+            elif info["perm"] is not None:
                 want = want.index_select(-1, info["perm"])
-            dg = want.shape[-1] // info["groups"]
-            want = want[..., g * dg : (g + 1) * dg]
+            if not info.get("outlier_split"):
+                start = sum(info["sizes"][:g])
+                want = want[..., start : start + info["sizes"][g]]
         else:
             want = sim.quantizers[n](cs[n][0])
             # a per-tensor quantizer inside a rewritten FFN block sees its tensor in the permuted order
@@ -66,7 +73,7 @@ def test_minilm_rewrite_structure_and_equivalence(minilm_peg):
         assert f"encoder.layer.3.{role}" not in names
         assert [f"encoder.layer.3.{role}.g{g}" in names for g in range(6)] == [True] * 6
     splits = [m for m in rq.modules() if isinstance(m, SplitInputLinear)]
-    assert len(splits) == 6 and all(s.groups == 6 and s.group_size == 64 for s in splits)
+    assert len(splits) == 6 and all(s.groups == 6 and s.sizes == [64] * 6 for s in splits)
     # the group quantizers carry the calibrated scale of their group
     peg_q = qm.quantizers["encoder.layer.5.ffn.residual_sum"]
     for g in range(6):
@@ -133,6 +140,62 @@ def test_per_channel_weights_and_unpermuted_peg(one_thread):
         assert float((main_output(qm(**batch)) - main_output(rq(**batch))).abs().max()) <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["bert", "mobilebert"])
+def test_outlier_group_rewrite(family, one_thread):
+    """PEG with a small outlier group (peg2po4: the 4 widest-range dims, then the rest in one group) is
+    rewritten into a 2-way split of unequal widths, equal to the simulation."""
+    qm, batch = peg_tiny(family, True)
+    d = next(iter(rewrite_peg(qm).peg_rewrite.values()))["width"]
+    qm, batch = peg_tiny(family, True, token="peg2po4")
+    q = qm.quantizers["encoder.layer.0.ffn.residual_sum"]
+    assert q.granularity.sizes(d) == [d - 4, 4] and q.group_index.bincount().tolist() == [d - 4, 4]
+    rq = rewrite_peg(qm)
+    assert per_tensor_only(rq) == []
+    assert all(v["sizes"] == [d - 4, 4] for v in rq.peg_rewrite.values())
+    splits = [m for m in rq.modules() if isinstance(m, SplitInputLinear)]
+    assert splits and all(s.sizes == [d - 4, 4] for s in splits)
+    with torch.no_grad(), quantizers_off(qm), quantizers_off(rq):
+        assert float((main_output(qm(**batch)) - main_output(rq(**batch))).abs().max()) <= 1e-4
+    assert assert_within_one_step(qm, rq, batch) > 0
+    with torch.no_grad():
+        assert float((main_output(qm(**batch)) - main_output(rq(**batch))).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
+def test_hidden_outlier_split(family, one_thread):
+    """PEG with an outlier group on the FFN hidden activation (the second Linear's input): the Linear becomes
+    a bulk matmul on the whole input (outlier columns of its weight zeroed) plus a matmul on the gathered
+    outlier columns; equal to the original unquantized and to the simulation quantized, with or without
+    the permuted FFN rewrite in the same layer."""
+    from pegq.export.rewrite import OutlierSplitLinear
+
+    qm, batch = peg_tiny(family, True, extra=["encoder.layer.*intermediate=peg2po4"])
+    hidden = [n for n, q in qm.quantizers.items() if n.endswith("intermediate") and q.granularity.kind == "peg"]
+    assert hidden
+    rq = rewrite_peg(qm)
+    assert per_tensor_only(rq) == []
+    splits = [m for m in rq.modules() if isinstance(m, OutlierSplitLinear)]
+    assert len(splits) == len(hidden) and all(s.index.numel() == 4 for s in splits)
+    for n in hidden:
+        assert n not in rq.quantizers and f"{n}.g0" in rq.quantizers and f"{n}.g1" in rq.quantizers
+        w = rq.quantizers[n.replace("intermediate", "output") + ".g0.weight"]
+        assert w.enabled and w.state.value == "frozen"
+    s = splits[0]
+    assert torch.count_nonzero(s.bulk.weight[:, s.index]) == 0  # zeroed before and after quantization
+    assert torch.count_nonzero(s.bulk.parametrizations.weight.original[:, s.index]) == 0
+    with torch.no_grad(), quantizers_off(qm), quantizers_off(rq):
+        assert float((main_output(qm(**batch)) - main_output(rq(**batch))).abs().max()) <= 1e-4
+    assert assert_within_one_step(qm, rq, batch) > 0
+    with torch.no_grad():
+        assert float((main_output(qm(**batch)) - main_output(rq(**batch))).abs().max()) <= 1e-4
+
+
+def test_hidden_peg_without_an_outlier_group_is_refused(one_thread):
+    qm, _ = peg_tiny("bert", True, extra=["encoder.layer.*.ffn.intermediate=peg37p"])  # d_ff=37
+    with pytest.raises(RewriteError, match="peg2po"):
+        rewrite_peg(qm)
+
+
 def test_model_without_peg_comes_back_unchanged(one_thread):
     from models_helpers import padded_batch, tiny_model
 
@@ -143,8 +206,8 @@ def test_model_without_peg_comes_back_unchanged(one_thread):
 
 
 def test_peg_outside_the_ffn_is_refused_with_the_reason(one_thread):
-    with pytest.raises(RewriteError, match=r"encoder\.layer\.0\.ffn\.intermediate: PEG is only rewritable.*FFN"):
-        qm, _ = peg_tiny("bert", True, extra=["encoder.layer.0.ffn.intermediate=peg1"])
+    with pytest.raises(RewriteError, match=r"encoder\.layer\.0\.attn\.query: PEG is only rewritable.*FFN"):
+        qm, _ = peg_tiny("bert", True, extra=["encoder.layer.0.attn.query=peg1"])
         rewrite_peg(qm)
 
 

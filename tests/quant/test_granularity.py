@@ -121,6 +121,44 @@ def test_minmax_matches_rows(shape, seed):
         assert torch.equal(mn, rows.amin(1)) and torch.equal(mx, rows.amax(1)), g
 
 
+@SETTINGS
+@given(d=st.integers(3, 24), data=st.data(), seed=st.integers(0, 1000), sym=st.booleans(), bits=st.integers(2, 8))
+def test_outlier_group_equals_per_tensor_on_each_group(d, data, seed, sym, bits):
+    """PEG with an outlier group: the M widest-range dims (last slice of the range-based permutation) share
+    one range, the others split the rest evenly; each group quantized exactly as per-tensor on its dims."""
+    m = data.draw(st.integers(1, d - 1))
+    k = data.draw(st.sampled_from([kk for kk in range(2, d - m + 2) if (d - m) % (kk - 1) == 0]))
+    g = PerEmbeddingGroup(k, permute=True, outliers=m)
+    x = _x((2, 5, d), seed=seed, outlier_dim=seed % d)
+    perm = range_permutation(*PerEmbedding().minmax(x))
+    q = _q(g, bits, sym, perm=perm)
+    y = q(x)
+    sizes = g.sizes(d)
+    assert sizes[-1] == m and sum(sizes) == d and len(set(sizes[:-1])) == 1
+    assert q.group_index.bincount(minlength=k).tolist() == sizes
+    assert set(perm[d - m:].tolist()) == set(torch.nonzero(q.group_index == k - 1).flatten().tolist())
+    start = 0
+    for gi, n in enumerate(sizes):
+        dims = perm[start : start + n]
+        start += n
+        assert torch.equal(y[..., dims], _q(PerTensor(), bits, sym)(x[..., dims])), gi
+    mn, mx = g.minmax(x, perm)
+    rows = g.as_rows(x, perm)  # unequal groups: rows repeated cyclically, same min/max
+    assert rows.shape[0] == k and torch.equal(mn, rows.amin(1)) and torch.equal(mx, rows.amax(1))
+
+
+def test_outlier_group_arguments():
+    assert PerEmbeddingGroup(3, True, 4).sizes(12) == [4, 4, 4]
+    assert PerEmbeddingGroup(2, True, 16).sizes(768) == [752, 16]
+    assert PerEmbeddingGroup(2, True, 16).describe() == "peg(K=2, permuted, outlier group of 16)"
+    with pytest.raises(ValueError, match="K >= 2"):
+        PerEmbeddingGroup(1, True, 4)
+    with pytest.raises(ValueError, match="divisible by K-1=2"):
+        PerEmbeddingGroup(3, True, 5).check(12)
+    with pytest.raises(ValueError, match="non-negative"):
+        PerEmbeddingGroup(2, True, -1)
+
+
 def test_group_index_from_perm():
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
     idx = group_index_from_perm(perm, 3)
@@ -131,7 +169,8 @@ def test_group_index_from_perm():
 
 
 @pytest.mark.parametrize("g", [PerTensor(), PerChannel(0), PerChannel(-2), PerEmbedding(),
-                               PerEmbeddingGroup(6), PerEmbeddingGroup(6, permute=True)])
+                               PerEmbeddingGroup(6), PerEmbeddingGroup(6, permute=True),
+                               PerEmbeddingGroup(2, permute=True, outliers=16)])
 def test_to_from_dict(g):
     assert granularity_from_dict(g.to_dict()) == g
     hash(g)

@@ -37,8 +37,9 @@ def onnx_cmd(
     preset: _PRESET = None,
     override: _OVERRIDE = None,
     weight_dtype: Annotated[str, typer.Option(
-        "--weight-dtype", help="int8 (standard, fastest) or uint8 (zero-point 128: bit-exact on x86 CPUs "
-        "without VNNI, where ORT's int8 x uint8 kernel can saturate).")] = "int8",
+        "--weight-dtype", help="int8 (standard, fastest), uint8 (zero-point 128: bit-exact on x86 CPUs "
+        "without VNNI, where ORT's int8 x uint8 kernel can saturate) or auto (uint8 only for the PEG "
+        "groups' split matmuls, which saturate most).")] = "int8",
     eval_: Annotated[bool, typer.Option("--eval", help="Score ORT and the simulated model on the dev split.")] = False,
     max_eval_examples: Annotated[int | None, typer.Option(help="Score only the first N dev examples.")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads for the checks.")] = 2,

@@ -85,13 +85,22 @@ def run_export_onnx(
     from ..api import evaluate as sim_evaluate
     from ..data import compute_metrics
     from ..pipeline import dev_loader
-    from .onnx import ExportError, export_onnx, kernel_report, ort_predict, per_tensor_parity, prepare, session
+    from .onnx import (
+        WEIGHT_DTYPES,
+        ExportError,
+        export_onnx,
+        kernel_report,
+        ort_predict,
+        per_tensor_parity,
+        prepare,
+        session,
+    )
 
     output = Path(output)
     if output.suffix != ".onnx":
         raise OutputError(f"--output {str(output)!r} must be a file name ending in .onnx")
-    if weight_dtype not in ("int8", "uint8"):
-        raise ExportError(f"--weight-dtype {weight_dtype!r} is unknown; allowed: int8, uint8")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ExportError(f"--weight-dtype {weight_dtype!r} is unknown; allowed: {', '.join(WEIGHT_DTYPES)}")
     _check_output(output, overwrite, is_dir=False)
     qm, tok, task, source = load_calibrated(model_dir, task_name, config, overrides, data_dir, progress, task_kwargs)
     info = export_onnx(qm, output, weight_dtype=weight_dtype)

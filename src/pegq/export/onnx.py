@@ -21,7 +21,11 @@ How a calibrated :class:`~pegq.models.QuantizedModel` becomes a QDQ ONNX model:
      quantizer's own (AdaRound rounding included). The FP32 weight is dropped. ``weight_dtype="uint8"``
      stores symmetric 8-bit weights +128 with zero-point 128 (same values): ORT then uses its exact
      uint8 x uint8 kernel instead of uint8 x int8, which saturates rare pairs of products on x86 CPUs
-     without VNNI.
+     without VNNI. ``weight_dtype="auto"`` does that only for the weights of the PEG rewrite's split
+     Linears: a PEG group without outliers has a near-symmetric range, so its uint8 zero-point is ~128
+     and pairs of large codes with large weights saturate often (measured: MPNet peg-gemm collapses
+     to chance), while per-tensor inputs with an outlier range rarely do; the other matmuls keep the
+     faster uint8 x int8 kernel.
    * a weight ``Transpose`` is folded into the integers; an embedding lookup ``Gather(DQ(table))``
      becomes ``DQ(Gather(int table))`` (only the looked-up rows are dequantized); the split/concat
      pairs the PEG rewrite leaves between a group's quantizer and its matmul are removed, so that every
@@ -40,6 +44,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import tempfile
 import time
 from collections import Counter
@@ -60,7 +65,9 @@ OPSET = 21
 IR_VERSION = 10
 TRACE_OPSET = 20  # the TorchScript exporter's newest opset; ops used here are unchanged in 21
 ACTIVATION_BITS = (8, 16)
-WEIGHT_DTYPES = ("int8", "uint8")
+WEIGHT_DTYPES = ("int8", "uint8", "auto")
+# weights of the split Linear layers of the PEG rewrite (pegq.export.rewrite): their inputs are PEG groups
+_GROUP_WEIGHT = re.compile(r"\.g\d+\.weight$")
 INT8_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul",
                 "QAttention", "QLinearConv", "ConvInteger")
 
@@ -392,7 +399,8 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
         dtype, np_dtype = _dtype_for(q.bits, q.symmetric, is_weight)
         s, z = qparams_numpy(q)
         shift = 0
-        if is_weight and weight_dtype == "uint8" and 4 < q.bits <= 8 and q.symmetric:
+        u8 = weight_dtype == "uint8" or (weight_dtype == "auto" and _GROUP_WEIGHT.search(name) is not None)
+        if is_weight and u8 and 4 < q.bits <= 8 and q.symmetric:
             dtype, np_dtype, shift = T.UINT8, np.uint8, 128
         if is_weight:
             src = node.input[0]
@@ -744,7 +752,9 @@ def export_onnx(
         "pegq.inputs": json.dumps(input_names),
         "pegq.output": output,
         "pegq.quantizers": json.dumps(low["quantizers"]),
-        "pegq.peg_rewrite": json.dumps({b: {"layer": v["layer"], "groups": v["groups"], "permuted": v["permuted"]}
+        "pegq.peg_rewrite": json.dumps({b: {"layer": v["layer"], "groups": v["groups"], "sizes": v["sizes"],
+                                            "permuted": v["permuted"],
+                                            **({"outlier_split": True} if v.get("outlier_split") else {})}
                                         for b, v in (getattr(em, "peg_rewrite", None) or {}).items()}),
     }
     cfg = getattr(qm, "config", None)

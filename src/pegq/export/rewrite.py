@@ -27,6 +27,14 @@ integer weights are exactly the original ones.
 Unquantized, the rewritten model computes the original function (up to FP32 summation order); quantized,
 it computes the simulated PEG model (each group's values go through the same grid).
 
+**FFN hidden activation with one outlier group** (``peg2po<M>`` on ``ffn.intermediate``, the second FFN
+Linear's input; not in the paper): the second Linear becomes an :class:`OutlierSplitLinear`, a bulk
+matmul on the whole, unmoved input, quantized per-tensor with the bulk group's range (``.g0``) and with
+the outlier columns of its weight zeroed, plus a matmul on the M gathered outlier columns with their own
+range (``.g1``). No permutation, no concat: the cost over per-tensor is one M-wide matmul and one add.
+(The zeroed columns make the bulk matmul's clipped values at the outlier dims irrelevant, so this is
+exactly the simulated PEG.) Other PEG layouts of that tensor are refused.
+
 Applies to every adapter family, MobileBERT included: each of its FFN blocks (the one ``ffn_names(i)``
 names and the stacked ``ffn.{j}`` before it) has the same shape at the bottleneck width, a normalisation
 (LayerNorm or the elementwise ``NoNorm``, both permutation-equivariant) before and after it, and an input
@@ -53,14 +61,15 @@ class RewriteError(ValueError):
 
 
 class SplitInputLinear(nn.Module):
-    """``y = sum_g linears[g](x[..., g*dg:(g+1)*dg]) + bias``: a Linear whose input columns are split into
-    K bias-free Linear layers (paper section 4); the bias is added once, after the sum."""
+    """``y = sum_g linears[g](x_g) + bias`` with ``x_g`` the g-th slice of ``x``'s last dim (each slice as
+    wide as ``linears[g].in_features``): a Linear whose input columns are split into K bias-free Linear
+    layers (paper section 4); the bias is added once, after the sum."""
 
-    def __init__(self, linears: list[nn.Linear], group_size: int, bias: torch.Tensor | None = None):
+    def __init__(self, linears: list[nn.Linear], bias: torch.Tensor | None = None):
         super().__init__()
         self.linears = nn.ModuleList(linears)
-        self.group_size = int(group_size)
-        self.in_features = self.group_size * len(linears)
+        self.sizes = [int(lin.in_features) for lin in linears]
+        self.in_features = sum(self.sizes)
         self.out_features = linears[0].out_features
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
@@ -69,7 +78,7 @@ class SplitInputLinear(nn.Module):
         return len(self.linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = x.split(self.group_size, dim=-1)
+        parts = x.split(self.sizes, dim=-1)
         y = self.linears[0](parts[0])
         for lin, p in zip(self.linears[1:], parts[1:], strict=True):
             y = y + lin(p)
@@ -77,6 +86,31 @@ class SplitInputLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}"
+
+
+class OutlierSplitLinear(nn.Module):
+    """``y = bulk(Q_0(x)) + outliers(Q_1(x[..., index])) + bias``: a Linear whose input is quantized
+    per-embedding-group with one small outlier group (PEG ``peg2po<M>``, not in the paper), written as two
+    per-tensor quantized matmuls without moving the input. ``bulk`` takes the whole input, quantized with
+    the bulk group's range, and has the outlier columns of its weight set to zero, so whatever ``Q_0``
+    clips there is multiplied by 0; ``outliers`` takes only the gathered outlier columns (``index``), with
+    their own range. The quantizers are applied here (``qm.act``), not by hooks."""
+
+    def __init__(self, qm: QuantizedModel, names: list[str], bulk: nn.Linear, outliers: nn.Linear,
+                 index: torch.Tensor):
+        super().__init__()
+        self.bulk, self.outliers = bulk, outliers
+        self.register_buffer("index", index.to(torch.long).clone())
+        object.__setattr__(self, "qm", qm)  # not a submodule: the QuantizedModel owns this module
+        self.names = list(names)
+        self.in_features, self.out_features = bulk.in_features, bulk.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bulk(self.qm.act(self.names[0], x))
+        return y + self.outliers(self.qm.act(self.names[1], x.index_select(-1, self.index)))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, outliers={self.index.numel()}"
 
 
 def permute_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -89,49 +123,49 @@ def permute_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.index_select(0, index.to(x.device)).t().reshape(*lead, d)
 
 
-def _group_quant(qm: QuantizedModel, names: list[str], group_size: int, x: torch.Tensor) -> torch.Tensor:
+def _group_quant(qm: QuantizedModel, names: list[str], sizes: list[int], x: torch.Tensor) -> torch.Tensor:
     if not names:
         return x
     if len(names) == 1:
         return qm.act(names[0], x)
-    parts = x.split(group_size, dim=-1)
+    parts = x.split(sizes, dim=-1)
     return torch.cat([qm.act(n, p) for n, p in zip(names, parts, strict=True)], dim=-1)
 
 
 class _PermuteGroupsHook:
     """Forward hook (LayerNorm before the FFN): permute the output, quantize each group per-tensor."""
 
-    def __init__(self, qm: QuantizedModel, names: list[str], group_size: int, perm: torch.Tensor | None):
-        self.qm, self.names, self.group_size, self.perm = qm, list(names), group_size, perm
+    def __init__(self, qm: QuantizedModel, names: list[str], sizes: list[int], perm: torch.Tensor | None):
+        self.qm, self.names, self.sizes, self.perm = qm, list(names), list(sizes), perm
         self.name = names[0] if names else None
 
     def __call__(self, module, args, output):
         if self.perm is not None:
             output = permute_last(output, self.perm)
-        return _group_quant(self.qm, self.names, self.group_size, output)
+        return _group_quant(self.qm, self.names, self.sizes, output)
 
 
 class _GroupsHook:
     """Forward hook (second FFN Linear): quantize each group of the (permuted) output per-tensor."""
 
-    def __init__(self, qm: QuantizedModel, names: list[str], group_size: int):
-        self.qm, self.names, self.group_size = qm, list(names), group_size
+    def __init__(self, qm: QuantizedModel, names: list[str], sizes: list[int]):
+        self.qm, self.names, self.sizes = qm, list(names), list(sizes)
         self.name = names[0] if names else None
 
     def __call__(self, module, args, output):
-        return _group_quant(self.qm, self.names, self.group_size, output)
+        return _group_quant(self.qm, self.names, self.sizes, output)
 
 
 class _GroupsInversePermuteHook:
     """Forward pre-hook (LayerNorm after the FFN): quantize each group of the permuted residual sum
     per-tensor, then restore the original order of the embedding dims."""
 
-    def __init__(self, qm: QuantizedModel, names: list[str], group_size: int, inv_perm: torch.Tensor | None):
-        self.qm, self.names, self.group_size, self.inv_perm = qm, list(names), group_size, inv_perm
+    def __init__(self, qm: QuantizedModel, names: list[str], sizes: list[int], inv_perm: torch.Tensor | None):
+        self.qm, self.names, self.sizes, self.inv_perm = qm, list(names), list(sizes), inv_perm
         self.name = names[0] if names else None
 
     def __call__(self, module, args):
-        x = _group_quant(self.qm, self.names, self.group_size, args[0])
+        x = _group_quant(self.qm, self.names, self.sizes, args[0])
         if self.inv_perm is not None:
             x = permute_last(x, self.inv_perm)
         return (x, *args[1:])
@@ -276,6 +310,7 @@ def peg_plan(qm: QuantizedModel) -> dict[str, dict]:
     if getattr(qm, "_pegq_rewritten", False):
         raise RewriteError("this model is already rewritten into per-tensor operations")
     ffn_roles: dict[str, tuple[str, str]] = {}
+    hidden: dict[str, dict] = {}  # FFN hidden activation (the second Linear's input) -> its block
     layouts = {}
     for i in range(qm.num_layers):
         try:
@@ -286,7 +321,9 @@ def peg_plan(qm: QuantizedModel) -> dict[str, dict]:
             layouts[lay["block"]] = lay
             for role in ("input", "output", "residual_sum"):
                 ffn_roles.setdefault(lay[role], (lay["block"], role))
+            hidden[lay["w2"][: -len(".output.weight")] + ".intermediate"] = lay
     plan: dict[str, dict] = {}
+    outlier_plan: dict[str, dict] = {}
     for n, q in qm.quantizers.items():
         if not q.enabled:
             continue
@@ -305,10 +342,23 @@ def peg_plan(qm: QuantizedModel) -> dict[str, dict]:
                 f"{n}: {g.describe()} activation quantization needs one scale per embedding dim, which "
                 f"per-tensor hardware cannot do; use PEG (peg<K>[p]) on the FFN tensors or per-tensor"
             )
+        if n in hidden:
+            if g.groups != 2 or not g.outliers:
+                raise RewriteError(
+                    f"{n}: PEG on the FFN hidden activation is rewritable only with one outlier group "
+                    f"(peg2po<M>, e.g. peg2po16: a 2-way split of the second FFN Linear), not {g.describe()}"
+                )
+            try:
+                g.sizes(hidden[n]["lin2"].in_features)
+            except ValueError as e:
+                raise RewriteError(f"{n}: {e}") from None
+            outlier_plan[n] = {"layout": hidden[n], "q": q}
+            continue
         if n not in ffn_roles:
             raise RewriteError(
                 f"{n}: PEG is only rewritable into per-tensor operations on a layer's FFN input, output "
-                f"and residual sum (paper section 4: split the FFN Linears); set this quantizer per-tensor"
+                f"and residual sum (paper section 4: split the FFN Linears) and, with one outlier group "
+                f"(peg2po<M>), on the FFN hidden activation; set this quantizer per-tensor"
             )
         b, role = ffn_roles[n]
         p = plan.setdefault(b, {"layout": layouts[b], "peg": {}})
@@ -317,22 +367,30 @@ def peg_plan(qm: QuantizedModel) -> dict[str, dict]:
         d = p["layout"]["lin1"].in_features  # the FFN's width (MobileBERT: its bottleneck width)
         qs = list(p["peg"].values())
         k = qs[0].granularity.groups
+        outl = qs[0].granularity.outliers
         perm = _perm_of(qs[0], d)
         for q in qs[1:]:
-            if q.granularity.groups != k:
+            if (q.granularity.groups, q.granularity.outliers) != (k, outl):
                 raise RewriteError(
-                    f"{b}: PEG groups differ within the FFN block ({qs[0].name}: K={k}, {q.name}: "
-                    f"K={q.granularity.groups}); the rewrite splits the block once, so use one K"
+                    f"{b}: PEG groups differ within the FFN block ({qs[0].name}: "
+                    f"{qs[0].granularity.describe()}, {q.name}: {q.granularity.describe()}); the rewrite "
+                    f"splits the block once, so use one K (and outlier group) for the block"
                 )
             if not torch.equal(_perm_of(q, d), perm):
                 raise RewriteError(
                     f"{b}: {qs[0].name} and {q.name} use different permutations; the rewrite needs "
                     f"the shared per-layer permutation that pegq.calibrate computes (paper section 4)"
                 )
-        if d % k:
-            raise RewriteError(f"{b}: K={k} does not divide d={d}")
-        p["groups"], p["width"] = k, d
+        try:
+            sizes = qs[0].granularity.sizes(d)
+        except ValueError as e:
+            raise RewriteError(f"{b}: {e}") from None
+        p["groups"], p["width"], p["sizes"] = k, d, sizes
         p["perm"] = None if torch.equal(perm, torch.arange(d)) else perm
+    for n, p in outlier_plan.items():
+        d = p["layout"]["lin2"].in_features
+        plan[n] = {**p, "outlier_split": True, "groups": 2, "width": d,
+                   "sizes": p["q"].granularity.sizes(d), "perm": _perm_of(p["q"], d)}
     return plan
 
 
@@ -340,8 +398,8 @@ def peg_plan(qm: QuantizedModel) -> dict[str, dict]:
 
 
 def _rewrite_block(qm: QuantizedModel, p: dict) -> dict:
-    lay, k, perm, d = p["layout"], p["groups"], p["perm"], p["width"]
-    dg = d // k
+    lay, k, perm, d, sizes = p["layout"], p["groups"], p["perm"], p["width"], p["sizes"]
+    starts = [sum(sizes[:g]) for g in range(k)]
     inv = torch.argsort(perm) if perm is not None else None
     qd = qm._qdict
 
@@ -367,7 +425,7 @@ def _rewrite_block(qm: QuantizedModel, p: dict) -> dict:
     if m_in._forward_hooks is not d_in:
         raise RewriteError(f"{in_name}: expected an output hook on the module before the FFN")
     in_points = group_points(in_name)
-    d_in[hid_in] = _PermuteGroupsHook(qm, in_points, dg, perm)
+    d_in[hid_in] = _PermuteGroupsHook(qm, in_points, sizes, perm)
 
     # 2. first Linear: split its (permuted) input columns into K Linear layers
     lin1: nn.Linear = lay["lin1"]
@@ -377,16 +435,17 @@ def _rewrite_block(qm: QuantizedModel, p: dict) -> dict:
         w1 = w1.index_select(1, perm)
     linears = []
     for g in range(k):
-        lin = nn.Linear(dg, lin1.out_features, bias=False).to(device=w1.device, dtype=w1.dtype)
+        lin = nn.Linear(sizes[g], lin1.out_features, bias=False).to(device=w1.device, dtype=w1.dtype)
         with torch.no_grad():
-            lin.weight.copy_(w1[:, g * dg : (g + 1) * dg])
+            lin.weight.copy_(w1[:, starts[g] : starts[g] + sizes[g]])
         linears.append(lin)
-    split = SplitInputLinear(linears, dg, lin1.bias).train(lin1.training)
+    split = SplitInputLinear(linears, lin1.bias).train(lin1.training)
     for g, lin in enumerate(linears):
         gname = lay["w1"][: -len(".weight")] + f".g{g}.weight"
         nq = qm.add_weight(gname, lin)
         if q1.enabled:
-            cols = perm[g * dg : (g + 1) * dg] if perm is not None else torch.arange(g * dg, (g + 1) * dg)
+            sl = slice(starts[g], starts[g] + sizes[g])
+            cols = perm[sl] if perm is not None else torch.arange(d)[sl]
             gran = q1.granularity
             per_col = isinstance(gran, PerChannel) and gran.axis in (1, -1)
             spec = _new_like(
@@ -432,14 +491,14 @@ def _rewrite_block(qm: QuantizedModel, p: dict) -> dict:
         m_out, d_out, hid_out = _one_hook(qm, out_name, "output of the second FFN Linear")
         if m_out is not lin2 or d_out is not lin2._forward_hooks:
             raise RewriteError(f"{out_name}: expected an output hook on the second FFN Linear")
-        d_out[hid_out] = _GroupsHook(qm, out_points, dg)
+        d_out[hid_out] = _GroupsHook(qm, out_points, sizes)
     # 4. residual sum: per-group quantize, then inverse-permute before the normalisation
     res_name = lay["residual_sum"]
     m_res, d_res, hid_res = _one_hook(qm, res_name, "input of the normalisation after the FFN")
     if m_res._forward_pre_hooks is not d_res:
         raise RewriteError(f"{res_name}: expected an input hook on the normalisation after the FFN")
     res_points = group_points(res_name)
-    d_res[hid_res] = _GroupsInversePermuteHook(qm, res_points, dg, inv)
+    d_res[hid_res] = _GroupsInversePermuteHook(qm, res_points, sizes, inv)
 
     order = {}
     for name, points in ((in_name, in_points), (out_name, out_points), (res_name, res_points)):
@@ -447,8 +506,68 @@ def _rewrite_block(qm: QuantizedModel, p: dict) -> dict:
             _remove_quantizer(qm, name)
             order[name] = points
     order[lay["w1"]] = [lay["w1"][: -len(".weight")] + f".g{g}.weight" for g in range(k)]
-    return {"layer": lay["layer"], "groups": k, "permuted": perm is not None, "perm": perm, "width": d,
+    return {"layer": lay["layer"], "groups": k, "sizes": sizes, "permuted": perm is not None, "perm": perm, "width": d,
             "points": {"input": in_points, "output": out_points, "residual_sum": res_points}, "replaced": order}
+
+
+def _rewrite_outlier_split(qm: QuantizedModel, name: str, p: dict) -> dict:
+    """PEG ``peg2po<M>`` on the FFN hidden activation ``name`` -> :class:`OutlierSplitLinear` in place of
+    the second FFN Linear (its hooks move along)."""
+    lay, q, d, sizes = p["layout"], p["q"], p["width"], p["sizes"]
+    index = p["perm"][sizes[0]:].clone()  # the outlier group: the last slice of the permutation
+    lin2: nn.Linear = lay["lin2"]
+    qw = qm._qdict[lay["w2"]]
+    gran = qw.granularity
+    if isinstance(gran, PerChannel) and gran.axis % 2 == 1:
+        raise RewriteError(f"{lay['w2']}: per-input-channel weights cannot be split by columns here; use "
+                           f"per-tensor or per-output-channel (channel0) weights")
+    w = lin2.parametrizations.weight.original.detach()
+    bulk = nn.Linear(d, lin2.out_features, bias=lin2.bias is not None).to(device=w.device, dtype=w.dtype)
+    outl = nn.Linear(sizes[1], lin2.out_features, bias=False).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        wb = w.clone()
+        wb[:, index.to(w.device)] = 0.0
+        bulk.weight.copy_(wb)
+        if lin2.bias is not None:
+            bulk.bias.copy_(lin2.bias.detach())
+        outl.weight.copy_(w.index_select(1, index.to(w.device)))
+    base = lay["w2"][: -len(".weight")]
+    wnames = [f"{base}.g0.weight", f"{base}.g1.weight"]
+    for wname, lin, cols in ((wnames[0], bulk, None), (wnames[1], outl, index)):
+        nq = qm.add_weight(wname, lin)
+        if not qw.enabled:
+            nq.configure(bits=None)
+            continue
+
+        def pick_offset(v, c=cols):
+            if c is None:  # the zeroed columns must stay exactly 0: no rounding up there
+                v = v.clone()
+                v[:, index.to(v.device)] = 0
+                return v
+            return v.index_select(1, c.to(v.device))
+
+        spec = _new_like(qw, wname, gran, pick_offset=pick_offset)
+        _install(nq, qw, gran, spec["tensors"])
+    points = []
+    if q.enabled:
+        for g in range(2):
+            gname = f"{name}.g{g}"
+            spec = _new_like(q, gname, PerTensor(), pick=lambda v, g=g: v[g : g + 1])
+            _install(qm.add_point(gname), q, PerTensor(), spec["tensors"])
+            points.append(gname)
+    split = OutlierSplitLinear(qm, points, bulk, outl, index).train(lin2.training)
+    for hid, h in list(lin2._forward_pre_hooks.items()):
+        if getattr(h, "name", None) != name:  # DistilBERT: the hidden quantizer is a pre-hook of lin2
+            split._forward_pre_hooks[hid] = h
+    for hid, h in list(lin2._forward_hooks.items()):
+        split._forward_hooks[hid] = h
+    parent, attr = _parent_of(qm.model, lin2)
+    setattr(parent, attr, split)
+    _remove_quantizer(qm, name)
+    _remove_quantizer(qm, lay["w2"])
+    return {"layer": lay["layer"], "groups": 2, "sizes": sizes, "permuted": True, "perm": p["perm"],
+            "width": d, "outlier_split": True, "points": {"hidden": points},
+            "replaced": {name: points, lay["w2"]: wnames}}
 
 
 def _restore_order(qm: QuantizedModel, replaced: dict[str, list[str]], old_order: list[str]) -> None:
@@ -470,8 +589,9 @@ def rewrite_peg(qm: QuantizedModel, inplace: bool = False) -> QuantizedModel:
     PEG quantizers comes back unchanged (still a copy unless ``inplace``).
 
     Afterwards ``qm.peg_rewrite`` maps each rewritten FFN block (``encoder.layer.{i}.ffn``; MobileBERT's
-    stacked ``encoder.layer.{i}.ffn.{j}`` too) to ``{"layer", "groups", "permuted", "perm", "width",
-    "points"}`` (``points``: the per-tensor quantizers of its input, output and residual sum). The
+    stacked ``encoder.layer.{i}.ffn.{j}`` too; an outlier-split hidden activation by its quantizer name,
+    with ``"outlier_split": True``) to ``{"layer", "groups", "sizes", "permuted", "perm",
+    "width", "points"}`` (``points``: the per-tensor quantizers of its input, output and residual sum). The
     result is for inference and export: do not re-calibrate or re-configure it (its quantizer names
     changed), and do not ``unwrap`` it.
     """
@@ -483,8 +603,11 @@ def rewrite_peg(qm: QuantizedModel, inplace: bool = False) -> QuantizedModel:
         plan = peg_plan(qm)
     info, replaced, old_order = {}, {}, list(qm._qdict)
     with torch.no_grad():
-        for b, p in sorted(plan.items(), key=lambda kv: (kv[1]["layout"]["layer"], kv[1]["layout"]["order"])):
-            info[b] = _rewrite_block(qm, p)
+        # the permuted FFN blocks first: they permute the second Linear's rows in place, which the outlier
+        # split of its input columns (after them) then copies
+        for b, p in sorted(plan.items(), key=lambda kv: (bool(kv[1].get("outlier_split")),
+                                                         kv[1]["layout"]["layer"], kv[1]["layout"]["order"])):
+            info[b] = _rewrite_outlier_split(qm, b, p) if p.get("outlier_split") else _rewrite_block(qm, p)
             replaced.update(info[b].pop("replaced"))
     _restore_order(qm, replaced, old_order)
     qm.peg_rewrite = info

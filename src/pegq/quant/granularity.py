@@ -155,26 +155,54 @@ class PerEmbedding(Granularity):
 
 @dataclass(frozen=True)
 class PerEmbeddingGroup(Granularity):
-    """``groups`` even groups over the last dim; with a permutation ``perm`` (held by the
-    quantizer as a buffer, since it is data-dependent) group ``g`` is ``perm[g*d/K:(g+1)*d/K]``.
+    """``groups`` groups over the last dim; with a permutation ``perm`` (held by the quantizer as a
+    buffer, since it is data-dependent) group ``g`` is the ``g``-th slice of ``perm`` (see :meth:`sizes`).
 
     ``permute`` records that a range-based permutation is wanted; computing it (from FP32
     calibration ranges, :func:`range_permutation`) and handing it to
     :meth:`pegq.quant.Quantizer.set_permutation` is up to the caller. Without a permutation the
     groups are consecutive slices of the embedding dims.
+
+    ``outliers`` (not in the paper, which uses even groups): when > 0 the last group holds only that
+    many dims, which after the range-based permutation are the ``outliers`` dims with the largest
+    ranges, and the other ``groups - 1`` groups split the remaining dims evenly. ``peg2po16`` thus
+    gives the 16 outlier dims their own range and every other dim one shared, narrow range: a
+    2-way split of the next matmul instead of K-way (pegq.export.rewrite).
     """
 
     groups: int = 1
     permute: bool = False
+    outliers: int = 0
     kind = "peg"
 
     def __post_init__(self):
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
             raise ValueError(f"PEG groups K must be a positive integer, got {self.groups!r}")
+        if isinstance(self.outliers, bool) or not isinstance(self.outliers, int) or self.outliers < 0:
+            raise ValueError(f"PEG outlier group size must be a non-negative integer, got {self.outliers!r}")
+        if self.outliers and self.groups < 2:
+            raise ValueError(
+                f"a PEG outlier group of {self.outliers} dims needs K >= 2 groups (the others hold the "
+                f"remaining dims), got K={self.groups}"
+            )
+
+    def sizes(self, d: int) -> list[int]:
+        """Number of embedding dims in each group, in group order (sums to ``d``)."""
+        self.check(d)
+        if not self.outliers:
+            return [d // self.groups] * self.groups
+        return [(d - self.outliers) // (self.groups - 1)] * (self.groups - 1) + [self.outliers]
 
     def check(self, shape_or_d, name: str = "quantizer") -> None:
         d = shape_or_d if isinstance(shape_or_d, int) else int(shape_or_d[-1])
-        if d % self.groups:
+        if self.outliers:
+            if not self.outliers < d or (d - self.outliers) % (self.groups - 1):
+                raise ValueError(
+                    f"{name}: a PEG outlier group of {self.outliers} dims must leave d={d} minus it "
+                    f"divisible by K-1={self.groups - 1}; allowed: outliers < d with (d - outliers) a "
+                    f"multiple of {self.groups - 1}"
+                )
+        elif d % self.groups:
             raise ValueError(
                 f"{name}: PEG groups K={self.groups} must divide the embedding size d={d}; "
                 f"allowed: a divisor of {d}"
@@ -184,38 +212,62 @@ class PerEmbeddingGroup(Granularity):
         return self.groups
 
     def as_rows(self, x, perm=None):
+        """Even groups: the ``[K, N]`` view. Unequal groups (``outliers``): each row is its group's
+        elements repeated cyclically to the longest group's length, so that a per-row mean (the MSE
+        range search) weighs the group's elements as the group itself does."""
         d = x.shape[-1]
         rows = x.reshape(-1, d).t()
         if perm is not None:
             rows = rows.index_select(0, perm)
-        return rows.reshape(self.groups, -1)
+        if not self.outliers:
+            return rows.reshape(self.groups, -1)
+        parts = [p.reshape(-1) for p in rows.split(self.sizes(d), dim=0)]
+        n = max(p.numel() for p in parts)
+        return torch.stack([p.index_select(0, torch.arange(n, device=p.device) % p.numel()) for p in parts])
 
     def minmax(self, x, perm=None):
         mn, mx = _embedding_minmax(x)
         if perm is not None:
             mn, mx = mn.index_select(0, perm), mx.index_select(0, perm)
-        return mn.view(self.groups, -1).amin(1), mx.view(self.groups, -1).amax(1)
+        if not self.outliers:
+            return mn.view(self.groups, -1).amin(1), mx.view(self.groups, -1).amax(1)
+        sizes = self.sizes(mn.numel())
+        return (torch.stack([t.amin() for t in mn.split(sizes)]),
+                torch.stack([t.amax() for t in mx.split(sizes)]))
 
     def broadcast(self, p, x, group_index=None):
         if group_index is None:
             d = x.shape[-1]
-            return p.repeat_interleave(d // self.groups)
+            if not self.outliers:
+                return p.repeat_interleave(d // self.groups)
+            return p.repeat_interleave(torch.tensor(self.sizes(d), device=p.device))
         return p.index_select(0, group_index)
 
     def to_dict(self):
-        return {"kind": self.kind, "groups": self.groups, "permute": self.permute}
+        d = {"kind": self.kind, "groups": self.groups, "permute": self.permute}
+        if self.outliers:
+            d["outliers"] = self.outliers
+        return d
 
     def describe(self):
-        return f"peg(K={self.groups}{', permuted' if self.permute else ''})"
+        extra = (", permuted" if self.permute else "") + (
+            f", outlier group of {self.outliers}" if self.outliers else "")
+        return f"peg(K={self.groups}{extra})"
 
 
-def group_index_from_perm(perm: torch.Tensor, groups: int) -> torch.Tensor:
-    """``index[j]`` = group of embedding dim ``j`` when groups are consecutive slices of ``perm``."""
+def group_index_from_perm(perm: torch.Tensor, groups: int, sizes: list[int] | None = None) -> torch.Tensor:
+    """``index[j]`` = group of embedding dim ``j`` when groups are consecutive slices of ``perm``
+    (even slices, or of the given ``sizes``)."""
     d = perm.numel()
-    if groups < 1 or d % groups:
-        raise ValueError(f"PEG groups K={groups} must divide the permutation size d={d}")
+    if sizes is None:
+        if groups < 1 or d % groups:
+            raise ValueError(f"PEG groups K={groups} must divide the permutation size d={d}")
+        sizes = [d // groups] * groups
+    if len(sizes) != groups or sum(sizes) != d:
+        raise ValueError(f"PEG group sizes {sizes} must be K={groups} numbers summing to d={d}")
     idx = torch.empty(d, dtype=torch.long, device=perm.device)
-    idx[perm] = torch.arange(d, device=perm.device) // (d // groups)
+    idx[perm] = torch.repeat_interleave(torch.arange(groups, device=perm.device),
+                                        torch.tensor(sizes, device=perm.device))
     return idx
 
 
@@ -240,7 +292,8 @@ def granularity_from_dict(d: dict) -> Granularity:
     if kind == "embedding":
         return PerEmbedding()
     if kind == "peg":
-        return PerEmbeddingGroup(groups=int(d["groups"]), permute=bool(d.get("permute", False)))
+        return PerEmbeddingGroup(groups=int(d["groups"]), permute=bool(d.get("permute", False)),
+                                 outliers=int(d.get("outliers", 0)))
     raise ValueError(
         f"unknown granularity kind {kind!r}; allowed: tensor, channel, embedding, peg"
     )

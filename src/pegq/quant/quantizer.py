@@ -157,7 +157,8 @@ class Quantizer(nn.Module):
     def set_permutation(self, perm: torch.Tensor | None) -> None:
         """Permutation of the embedding dims for a (permuted) PEG granularity.
 
-        Group ``g`` is ``perm[g*d/K:(g+1)*d/K]``. A different permutation invalidates the range:
+        Group ``g`` is the ``g``-th slice of ``perm`` (``perm[g*d/K:(g+1)*d/K]`` for even groups; see
+        :meth:`PerEmbeddingGroup.sizes`). A different permutation invalidates the range:
         the quantizer is reset (back to ESTIMATING) when the permutation changes.
         """
         if perm is None:
@@ -189,7 +190,7 @@ class Quantizer(nn.Module):
         p = p.to(device)
         changed = self.perm is None or not torch.equal(self.perm.to(device), p)
         self.perm = p
-        self.group_index = group_index_from_perm(p, self.granularity.groups)
+        self.group_index = group_index_from_perm(p, self.granularity.groups, self.granularity.sizes(d))
         if changed and (self.x_min is not None or self.scale_param is not None):
             self.reset()
 
