@@ -1,0 +1,127 @@
+"""Where an int8 deployment preset loses fidelity: dev-logit cosine to FP32 and accuracy, with one group of
+quantizers switched off at a time (simulated), and optionally after AdaRound of the 8-bit weights (simulated
+and on ONNX Runtime's int8 kernels).
+
+    .venv/bin/python benchmarks/deploy_fidelity.py --model minilm                  # ablation, ~3 min
+    .venv/bin/python benchmarks/deploy_fidelity.py --model minilm --adaround 128   # + AdaRound, ~4 min more
+
+Uses the fine-tuned checkpoints of ``benchmarks/int8_latency.py`` (``$PEGQ_CACHE/<model>-rotten_tomatoes-e3``
+or ``-head``). Output: a table, and JSON at ``--json`` (default ``runs/bench/deploy_fidelity-<model>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cache_dir  # noqa: E402
+
+ABLATIONS = {
+    "nothing (the preset)": [],
+    "FFN input": ["encoder.layer.*.attn.layernorm=off"],
+    "Q/K/V input": ["encoder.layer.*.ffn.layernorm=off", "embeddings.layernorm=off"],
+    "attention probabilities + context": ["*.attn.probs=off", "*.attn.context=off"],
+    "Q/K/V outputs": ["*.attn.query=off", "*.attn.key=off", "*.attn.value=off"],
+    "weights, at 16 bits instead": ["*.weight=w16"],
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["minilm", "mpnet"], default="minilm")
+    ap.add_argument("--preset", default="peg-outlier-gemm")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-ablation", action="store_true", help="only the AdaRound rows")
+    ap.add_argument("--adaround", type=int, default=0, metavar="SEQUENCES",
+                    help="also AdaRound the weights on this many training sequences (0: no)")
+    ap.add_argument("--adaround-iters", type=int, default=500)
+    ap.add_argument("--adaround-batch-rows", type=int, default=512)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from pegq.adaround_model import AdaRoundRun, run_adaround
+    from pegq.api import calibrate, predict, quantize
+    from pegq.config import parse_override
+    from pegq.data import compute_metrics, encode, load_task, make_loader
+    from pegq.export.onnx import export_onnx, ort_predict, session
+    from pegq.io import atomic_write_json
+    from pegq.models import load_model
+    from pegq.pipeline import calibration_batches, config_from_cli
+    from pegq.quant.adaround import AdaRoundConfig
+
+    torch.set_num_threads(args.threads)
+    console = Console()
+    ckpt = next((p for p in (cache_dir() / f"{args.model}-rotten_tomatoes-{s}" for s in ("e3", "head"))
+                 if (p / "config.json").exists()), None)
+    if ckpt is None:
+        raise SystemExit(f"no fine-tuned {args.model} checkpoint in {cache_dir()}; run benchmarks/int8_latency.py "
+                         f"or benchmarks/qat_tables.py --rows fp32 first")
+    model, tok = load_model(ckpt, num_labels=2)
+    model.eval()
+    task = load_task("rotten_tomatoes")
+    loader = make_loader(encode(task.dev, tok, task.spec), batch_size=32)
+    ref, _ = predict(model, loader, progress=False)
+    ref = np.asarray(ref, np.float64).ravel()
+
+    def cosine(logits) -> float:
+        a = np.asarray(logits, np.float64).ravel()
+        return float(a @ ref / (np.linalg.norm(a) * np.linalg.norm(ref)))
+
+    def calibrated(extra: list[str]):
+        cfg = config_from_cli(args.preset, None, None, None, None, None)
+        cfg.overrides += [parse_override(o + ",optional") for o in extra]
+        qm = quantize(copy.deepcopy(model), cfg)
+        batches = calibration_batches(task, tok, cfg)
+        calibrate(qm, batches, progress=False)
+        return qm, batches
+
+    rows: dict[str, dict] = {}
+
+    def score(name: str, logits, labels, **extra) -> None:
+        rows[name] = {"cosine": cosine(logits), "accuracy": compute_metrics(task.spec, logits, labels)["score"],
+                      **extra}
+        console.print(f"{name}: cosine {rows[name]['cosine']:.4f}, accuracy {rows[name]['accuracy']:.2f}")
+
+    if not args.no_ablation:
+        for name, extra in ABLATIONS.items():
+            qm, _ = calibrated(extra)
+            score(f"off: {name}", *predict(qm, loader, progress=False))
+    if args.adaround:
+        qm, batches = calibrated([])
+        t0 = time.time()
+        run = AdaRoundRun(num_samples=args.adaround, layer=AdaRoundConfig(iters=args.adaround_iters,
+                                                                          batch_rows=args.adaround_batch_rows))
+        run_adaround(qm, task, tok, run, batches, progress=True)
+        secs = time.time() - t0
+        score(f"AdaRound ({args.adaround} seq, {args.adaround_iters} it), simulated",
+              *predict(qm, loader, progress=False), adaround_s=secs)
+        path = Path(f"runs/bench/deploy_fidelity-{args.model}-adaround.onnx")
+        export_onnx(qm, path)
+        sess = session(path, threads=args.threads)
+        score(f"AdaRound ({args.adaround} seq, {args.adaround_iters} it), ORT int8",
+              *ort_predict(sess, loader, [i.name for i in sess.get_inputs()], progress=False))
+
+    t = Table(title=f"{args.preset} on {args.model} ({ckpt.name}): dev-logit cosine to FP32")
+    for c in ("variant", "cosine", "accuracy"):
+        t.add_column(c, justify="left" if c == "variant" else "right")
+    for name, r in rows.items():
+        t.add_row(name, f"{r['cosine']:.4f}", f"{r['accuracy']:.2f}")
+    console.print(t)
+    json_path = Path(args.json or f"runs/bench/deploy_fidelity-{args.model}.json")
+    atomic_write_json(json_path, {"model": args.model, "checkpoint": str(ckpt), "preset": args.preset,
+                                  "command": " ".join(sys.argv), "rows": rows})
+    console.print(f"JSON -> {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
