@@ -128,9 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dtypes = [d.strip() for d in (args.weight_dtypes or "").split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in ("int8", "uint8", "auto")]
+    bad = [d for d in dtypes if d not in WEIGHT_LABELS]
     if bad:
-        raise SystemExit(f"--weight-dtypes: {bad[0]!r} is not a weight storage; allowed: int8, uint8, auto")
+        raise SystemExit(f"--weight-dtypes: {bad[0]!r} is not a weight storage; allowed: {', '.join(WEIGHT_LABELS)}")
 
     import numpy as np
     import onnxruntime as ort
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     sk = shape_keys[-1]
     static, bf = results.get("ORT static int8"), results.get("PyTorch bf16")
     for row in [k for k in results if k.lower().startswith("pegq peg") and " (ORT" in k]:
-        name, peg = row, results[row]
+        peg = results[row]
         if not (static and bf and sk in peg["latency_ms"]):
             continue
         c = {"over_static": peg["latency_ms"][sk] / static["latency_ms"][sk],
@@ -356,9 +356,9 @@ def main(argv=None) -> int:
             sim = results.get(f"{row.split(' (ORT')[0]} (simulated)", {}).get("accuracy")
             if sim is not None:
                 c["ort_minus_simulated"] = peg["accuracy"] - sim
-        checks[name] = c
+        checks[row] = c
         console.print(
-            f"{name} targets at {sk}: /static = {c['over_static']:.2f} (<= 1.10), /bf16 = "
+            f"{row} targets at {sk}: /static = {c['over_static']:.2f} (<= 1.10), /bf16 = "
             f"{c['over_bf16']:.2f} (< 1), cosine {c['cosine']:.4f} (>= 0.999)"
             + (f", accuracy drop {c['accuracy_drop']:.2f} (<= 0.5)" if "accuracy_drop" in c else
                ", accuracy n/a (no fine-tuned checkpoint)")

@@ -269,6 +269,34 @@ def _install(q: Quantizer, src: Quantizer, granularity, tensors: dict) -> None:
     q.state = QuantState.FROZEN
 
 
+def _group_points(qm: QuantizedModel, name: str, k: int) -> list[str]:
+    """Per-tensor quantizers replacing ``name``: its K group quantizers ``<name>.g{g}`` (each carrying its
+    group's calibrated range) for PEG, ``[name]`` if per-tensor, none if off."""
+    q = qm._qdict[name]
+    if not q.enabled:
+        return []
+    if not is_peg(q):
+        return [name]
+    names = []
+    for g in range(k):
+        gname = f"{name}.g{g}"
+        spec = _new_like(q, gname, PerTensor(), pick=lambda v, g=g: v[g : g + 1])
+        _install(qm.add_point(gname), q, PerTensor(), spec["tensors"])
+        names.append(gname)
+    return names
+
+
+def _replace_module(qm: QuantizedModel, old: nn.Module, new: nn.Module, drop_hook: str | None = None) -> None:
+    """Put ``new`` where ``old`` is in the model; ``old``'s forward (pre-)hooks follow it, except the hook
+    placing quantizer ``drop_hook``."""
+    for src, dst in ((old._forward_pre_hooks, new._forward_pre_hooks), (old._forward_hooks, new._forward_hooks)):
+        for hid, h in list(src.items()):
+            if drop_hook is None or getattr(h, "name", None) != drop_hook:
+                dst[hid] = h
+    parent, attr = _parent_of(qm.model, old)
+    setattr(parent, attr, new)
+
+
 # --------------------------------------------------------------------------- planning
 
 
@@ -321,7 +349,7 @@ def peg_plan(qm: QuantizedModel) -> dict[str, dict]:
             layouts[lay["block"]] = lay
             for role in ("input", "output", "residual_sum"):
                 ffn_roles.setdefault(lay[role], (lay["block"], role))
-            hidden[lay["w2"][: -len(".output.weight")] + ".intermediate"] = lay
+            hidden[lay["block"] + ".intermediate"] = lay
     plan: dict[str, dict] = {}
     outlier_plan: dict[str, dict] = {}
     for n, q in qm.quantizers.items():
@@ -403,28 +431,12 @@ def _rewrite_block(qm: QuantizedModel, p: dict) -> dict:
     inv = torch.argsort(perm) if perm is not None else None
     qd = qm._qdict
 
-    def group_points(name: str) -> list[str]:
-        """Per-tensor quantizers replacing ``name``: K group quantizers for PEG, itself if per-tensor."""
-        q = qd[name]
-        if not q.enabled:
-            return []
-        if not is_peg(q):
-            return [name]
-        names = []
-        for g in range(k):
-            gname = f"{name}.g{g}"
-            spec = _new_like(q, gname, PerTensor(), pick=lambda v, g=g: v[g : g + 1])
-            nq = qm.add_point(gname)
-            _install(nq, q, PerTensor(), spec["tensors"])
-            names.append(gname)
-        return names
-
     # 1. FFN input: permute + per-group quantize at the normalisation's output (replaces its hook)
     in_name = lay["input"]
     m_in, d_in, hid_in = _one_hook(qm, in_name, "output of the normalisation before the FFN")
     if m_in._forward_hooks is not d_in:
         raise RewriteError(f"{in_name}: expected an output hook on the module before the FFN")
-    in_points = group_points(in_name)
+    in_points = _group_points(qm, in_name, k)
     d_in[hid_in] = _PermuteGroupsHook(qm, in_points, sizes, perm)
 
     # 2. first Linear: split its (permuted) input columns into K Linear layers
@@ -454,13 +466,7 @@ def _rewrite_block(qm: QuantizedModel, p: dict) -> dict:
                 pick_offset=lambda v, c=cols: v.index_select(1, c.to(v.device)),
             )
             _install(nq, q1, gran, spec["tensors"])
-    parent, attr = _parent_of(qm.model, lin1)
-    # hooks on the old module (none in the stock adapters) follow it
-    for hid, h in list(lin1._forward_pre_hooks.items()):
-        split._forward_pre_hooks[hid] = h
-    for hid, h in list(lin1._forward_hooks.items()):
-        split._forward_hooks[hid] = h
-    setattr(parent, attr, split)
+    _replace_module(qm, lin1, split)  # hooks on the old module (none in the stock adapters) follow it
     _remove_quantizer(qm, lay["w1"])
 
     # 3. second Linear: permute its rows, quantize its output per group
@@ -486,7 +492,7 @@ def _rewrite_block(qm: QuantizedModel, p: dict) -> dict:
                     q2.round_offset = r["round_offset"].index_select(0, perm.to(r["round_offset"].device))
             q2._qcache = None
     out_name = lay["output"]
-    out_points = group_points(out_name)
+    out_points = _group_points(qm, out_name, k)
     if qd[out_name].enabled:
         m_out, d_out, hid_out = _one_hook(qm, out_name, "output of the second FFN Linear")
         if m_out is not lin2 or d_out is not lin2._forward_hooks:
@@ -497,7 +503,7 @@ def _rewrite_block(qm: QuantizedModel, p: dict) -> dict:
     m_res, d_res, hid_res = _one_hook(qm, res_name, "input of the normalisation after the FFN")
     if m_res._forward_pre_hooks is not d_res:
         raise RewriteError(f"{res_name}: expected an input hook on the normalisation after the FFN")
-    res_points = group_points(res_name)
+    res_points = _group_points(qm, res_name, k)
     d_res[hid_res] = _GroupsInversePermuteHook(qm, res_points, sizes, inv)
 
     order = {}
@@ -513,7 +519,7 @@ def _rewrite_block(qm: QuantizedModel, p: dict) -> dict:
 def _rewrite_outlier_split(qm: QuantizedModel, name: str, p: dict) -> dict:
     """PEG ``peg2po<M>`` on the FFN hidden activation ``name`` -> :class:`OutlierSplitLinear` in place of
     the second FFN Linear (its hooks move along)."""
-    lay, q, d, sizes = p["layout"], p["q"], p["width"], p["sizes"]
+    lay, d, sizes = p["layout"], p["width"], p["sizes"]
     index = p["perm"][sizes[0]:].clone()  # the outlier group: the last slice of the permutation
     lin2: nn.Linear = lay["lin2"]
     qw = qm._qdict[lay["w2"]]
@@ -548,21 +554,10 @@ def _rewrite_outlier_split(qm: QuantizedModel, name: str, p: dict) -> dict:
 
         spec = _new_like(qw, wname, gran, pick_offset=pick_offset)
         _install(nq, qw, gran, spec["tensors"])
-    points = []
-    if q.enabled:
-        for g in range(2):
-            gname = f"{name}.g{g}"
-            spec = _new_like(q, gname, PerTensor(), pick=lambda v, g=g: v[g : g + 1])
-            _install(qm.add_point(gname), q, PerTensor(), spec["tensors"])
-            points.append(gname)
+    points = _group_points(qm, name, 2)
     split = OutlierSplitLinear(qm, points, bulk, outl, index).train(lin2.training)
-    for hid, h in list(lin2._forward_pre_hooks.items()):
-        if getattr(h, "name", None) != name:  # DistilBERT: the hidden quantizer is a pre-hook of lin2
-            split._forward_pre_hooks[hid] = h
-    for hid, h in list(lin2._forward_hooks.items()):
-        split._forward_hooks[hid] = h
-    parent, attr = _parent_of(qm.model, lin2)
-    setattr(parent, attr, split)
+    # DistilBERT places the hidden quantizer as a pre-hook of lin2: that one is replaced, not moved
+    _replace_module(qm, lin2, split, drop_hook=name)
     _remove_quantizer(qm, name)
     _remove_quantizer(qm, lay["w2"])
     return {"layer": lay["layer"], "groups": 2, "sizes": sizes, "permuted": True, "perm": p["perm"],
