@@ -1,9 +1,10 @@
 """Where an int8 deployment preset loses fidelity: dev-logit cosine to FP32 and accuracy, with one group of
-quantizers switched off at a time (simulated), and optionally after AdaRound of the 8-bit weights (simulated
-and on ONNX Runtime's int8 kernels).
+quantizers switched off at a time (simulated), and optionally after AdaRound of the 8-bit weights or after
+empirical bias correction (each simulated and on ONNX Runtime's int8 kernels).
 
     .venv/bin/python benchmarks/deploy_fidelity.py --model minilm                  # ablation, ~3 min
     .venv/bin/python benchmarks/deploy_fidelity.py --model minilm --adaround 128   # + AdaRound, ~4 min more
+    .venv/bin/python benchmarks/deploy_fidelity.py --model minilm --no-ablation --bias-correction 256  # ~2 min
 
 Uses the fine-tuned checkpoints of ``benchmarks/int8_latency.py`` (``$PEGQ_CACHE/<model>-rotten_tomatoes-e3``
 or ``-head``). Output: a table, and JSON at ``--json`` (default ``runs/bench/deploy_fidelity-<model>.json``).
@@ -35,11 +36,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=["minilm", "mpnet"], default="minilm")
     ap.add_argument("--preset", default="peg-outlier-gemm")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-ablation", action="store_true", help="only the AdaRound rows")
+    ap.add_argument("--no-ablation", action="store_true", help="only the AdaRound / bias-correction rows")
     ap.add_argument("--adaround", type=int, default=0, metavar="SEQUENCES",
                     help="also AdaRound the weights on this many training sequences (0: no)")
     ap.add_argument("--adaround-iters", type=int, default=500)
     ap.add_argument("--adaround-batch-rows", type=int, default=512)
+    ap.add_argument("--bias-correction", type=int, default=0, metavar="SEQUENCES",
+                    help="also run empirical bias correction on this many training sequences (0: no)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -48,8 +51,9 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pegq.adaround_model import AdaRoundRun, run_adaround
+    from pegq.adaround_model import AdaRoundRun, calibration_sequences, run_adaround
     from pegq.api import calibrate, predict, quantize
+    from pegq.bias_correction import correct_bias
     from pegq.config import parse_override
     from pegq.data import compute_metrics, encode, load_task, make_loader
     from pegq.export.onnx import export_onnx, ort_predict, session
@@ -91,6 +95,12 @@ def main(argv=None) -> int:
                       **extra}
         console.print(f"{name}: cosine {rows[name]['cosine']:.4f}, accuracy {rows[name]['accuracy']:.2f}")
 
+    def on_ort(qm, name: str) -> None:
+        path = Path(f"runs/bench/deploy_fidelity-{args.model}-{name.split()[0].lower()}.onnx")
+        export_onnx(qm, path)
+        sess = session(path, threads=args.threads)
+        score(f"{name}, ORT int8", *ort_predict(sess, loader, [i.name for i in sess.get_inputs()], progress=False))
+
     if not args.no_ablation:
         for name, extra in ABLATIONS.items():
             qm, _ = calibrated(extra)
@@ -102,13 +112,17 @@ def main(argv=None) -> int:
                                                                           batch_rows=args.adaround_batch_rows))
         run_adaround(qm, task, tok, run, batches, progress=True)
         secs = time.time() - t0
-        score(f"AdaRound ({args.adaround} seq, {args.adaround_iters} it), simulated",
-              *predict(qm, loader, progress=False), adaround_s=secs)
-        path = Path(f"runs/bench/deploy_fidelity-{args.model}-adaround.onnx")
-        export_onnx(qm, path)
-        sess = session(path, threads=args.threads)
-        score(f"AdaRound ({args.adaround} seq, {args.adaround_iters} it), ORT int8",
-              *ort_predict(sess, loader, [i.name for i in sess.get_inputs()], progress=False))
+        name = f"AdaRound ({args.adaround} seq, {args.adaround_iters} it)"
+        score(f"{name}, simulated", *predict(qm, loader, progress=False), adaround_s=secs)
+        on_ort(qm, name)
+
+    if args.bias_correction:
+        qm, _ = calibrated([])
+        seqs = calibration_sequences(task, tok, args.bias_correction, seed=1)
+        rep = correct_bias(qm, seqs, progress=True)
+        name = f"Bias correction ({args.bias_correction} seq)"
+        score(f"{name}, simulated", *predict(qm, loader, progress=False), bias_correction_s=rep["seconds"])
+        on_ort(qm, name)
 
     t = Table(title=f"{args.preset} on {args.model} ({ckpt.name}): dev-logit cosine to FP32")
     for c in ("variant", "cosine", "accuracy"):

@@ -81,12 +81,26 @@ def _rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_layer(qm: QuantizedModel, module: nn.Module, batches: list[dict], what: str, device="cpu"):
-    """Rows of ``module``'s input (``what="input"``) or output (``"output"``) over ``batches`` (each
-    forward stops right after the module), padding tokens dropped. Quantizers are left as they are."""
+def run_batches(qm: QuantizedModel, batches: list[dict], mask_box: list, device="cpu") -> None:
+    """Forward every batch through ``qm`` (eval mode, trimmed padding), with ``mask_box[0]`` set to the
+    batch's attention mask for the hooks to read; a hook ends a pass early by raising :class:`_Stop`."""
     from .api import _to_device, model_inputs
     from .train import trim_batch
 
+    qm.eval()
+    for b in batches:
+        b = _to_device(trim_batch(b), device)
+        mask_box[0] = b.get("attention_mask")
+        try:
+            qm(**model_inputs(b))
+        except _Stop:
+            pass
+
+
+@torch.no_grad()
+def capture_layer(qm: QuantizedModel, module: nn.Module, batches: list[dict], what: str, device="cpu"):
+    """Rows of ``module``'s input (``what="input"``) or output (``"output"``) over ``batches`` (each
+    forward stops right after the module), padding tokens dropped. Quantizers are left as they are."""
     store: list[torch.Tensor] = []
     mask_box: list[torch.Tensor | None] = [None]
 
@@ -96,15 +110,8 @@ def capture_layer(qm: QuantizedModel, module: nn.Module, batches: list[dict], wh
         raise _Stop
 
     h = module.register_forward_hook(hook)
-    qm.eval()
     try:
-        for b in batches:
-            b = _to_device(trim_batch(b), device)
-            mask_box[0] = b.get("attention_mask")
-            try:
-                qm(**model_inputs(b))
-            except _Stop:
-                pass
+        run_batches(qm, batches, mask_box, device)
     finally:
         h.remove()
     if not store:
