@@ -5,6 +5,7 @@ empirical bias correction (each simulated and on ONNX Runtime's int8 kernels).
     .venv/bin/python benchmarks/deploy_fidelity.py --model minilm                  # ablation, ~3 min
     .venv/bin/python benchmarks/deploy_fidelity.py --model minilm --adaround 128   # + AdaRound, ~4 min more
     .venv/bin/python benchmarks/deploy_fidelity.py --model minilm --no-ablation --bias-correction 256  # ~2 min
+    .venv/bin/python benchmarks/deploy_fidelity.py --model minilm --no-ablation --weight-ablation      # ~5 min
 
 Uses the fine-tuned checkpoints of ``benchmarks/int8_latency.py`` (``$PEGQ_CACHE/<model>-rotten_tomatoes-e3``
 or ``-head``). Output: a table, and JSON at ``--json`` (default ``runs/bench/deploy_fidelity-<model>.json``).
@@ -29,6 +30,16 @@ ABLATIONS = {
     "Q/K/V outputs": ["*.attn.query=off", "*.attn.key=off", "*.attn.value=off"],
     "weights, at 16 bits instead": ["*.weight=w16"],
 }
+LINEAR_TYPES = ("attn.query", "attn.key", "attn.value", "attn.output", "ffn.intermediate", "ffn.output")
+
+
+def weight_ablations(num_layers: int) -> dict[str, list[str]]:
+    """Rows for ``--weight-ablation``: the weights of one encoder layer, of the head, or of one Linear type
+    in every layer at FP32, the rest as the preset."""
+    rows = {f"FP32 weights: layer {i}": [f"encoder.layer.{i}.*.weight=off"] for i in range(num_layers)}
+    rows["FP32 weights: head"] = ["pooler.weight=off", "classifier.weight=off", "classifier.*.weight=off"]
+    rows.update({f"FP32 weights: every {t}": [f"encoder.layer.*.{t}.weight=off"] for t in LINEAR_TYPES})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -37,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="peg-outlier-gemm")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-ablation", action="store_true", help="only the AdaRound / bias-correction rows")
+    ap.add_argument("--weight-ablation", action="store_true",
+                    help="also rows with one layer's (or one Linear type's) weights at FP32")
     ap.add_argument("--adaround", type=int, default=0, metavar="SEQUENCES",
                     help="also AdaRound the weights on this many training sequences (0: no)")
     ap.add_argument("--adaround-iters", type=int, default=500)
@@ -105,6 +118,10 @@ def main(argv=None) -> int:
         for name, extra in ABLATIONS.items():
             qm, _ = calibrated(extra)
             score(f"off: {name}", *predict(qm, loader, progress=False))
+    if args.weight_ablation:
+        for name, extra in weight_ablations(model.config.num_hidden_layers).items():
+            qm, _ = calibrated(extra)
+            score(name, *predict(qm, loader, progress=False))
     if args.adaround:
         qm, batches = calibrated([])
         t0 = time.time()
