@@ -35,12 +35,11 @@ def _calibrated(minilm_path, rt, preset: str, overrides=()):
 
 
 def _mean_outputs(qm, layers, seqs, quantized: bool) -> dict[str, torch.Tensor]:
+    from contextlib import nullcontext
+
     from pegq.peg import quantizers_off
 
-    if quantized:
-        means = _input_means(qm, layers, seqs)
-        return {n: lin.weight.double() @ means[n] + lin.bias.double() for n, lin in layers.items()}
-    with quantizers_off(qm):
+    with nullcontext() if quantized else quantizers_off(qm):
         means = _input_means(qm, layers, seqs)
         return {n: lin.weight.double() @ means[n] + lin.bias.double() for n, lin in layers.items()}
 

@@ -11,15 +11,16 @@ removed by folding it into the bias:
 
 where ``E[x]`` is the layer's mean input in the FP32 model and ``E[x_q]`` its mean input in the quantized
 model (activations quantized, the earlier layers already corrected), both over the real tokens of the
-correction sequences (padding dropped). Layers are corrected in forward order, each forward pass stopping
-at the layer. Only biases change, so the result exports and runs like the uncorrected model.
+correction sequences (padding dropped). Layers are corrected in forward order; layers that read the
+same tensor (Q/K/V) share one forward pass, which stops right after them. Only biases change, so the
+result exports and runs like the uncorrected model.
 
 Measured (docs/results.md section 4, ``benchmarks/deploy_fidelity.py --bias-correction``): it does *not*
 help the int8 deployment preset ``peg-outlier-gemm``. Dev-logit cosine to FP32 went 0.9955 -> 0.9945 on
-MiniLM and 0.9873 -> 0.9364 on MPNet-base. The output error of these models is not a per-channel constant:
-it comes with the few tokens that carry the huge activations (delimiters, paper section 3), so the mean
-over all tokens is dominated by them, and one offset that cancels it on average shifts every ordinary
-token. It is kept as an analysis tool, not used by any preset.
+MiniLM and 0.9871 -> 0.9364 on MPNet-base (simulated). The output error of these models is not a
+per-channel constant: it comes with the few tokens that carry the huge activations (delimiters, paper
+section 3), so the mean over all tokens is dominated by them, and one offset that cancels it on average
+shifts every ordinary token. It is kept as an analysis tool, not used by any preset.
 """
 
 from __future__ import annotations
