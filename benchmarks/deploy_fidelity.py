@@ -1,11 +1,12 @@
 """Where an int8 deployment preset loses fidelity: dev-logit cosine to FP32 and accuracy, with one group of
-quantizers switched off at a time (simulated), and optionally after AdaRound of the 8-bit weights or after
-empirical bias correction (each simulated and on ONNX Runtime's int8 kernels).
+quantizers switched off at a time (simulated), and optionally after AdaRound or GPTQ of the 8-bit weights or
+after empirical bias correction (each simulated and on ONNX Runtime's int8 kernels).
 
     .venv/bin/python benchmarks/deploy_fidelity.py --model minilm                  # ablation, ~3 min
     .venv/bin/python benchmarks/deploy_fidelity.py --model minilm --adaround 128   # + AdaRound, ~4 min more
     .venv/bin/python benchmarks/deploy_fidelity.py --model minilm --no-ablation --bias-correction 256  # ~2 min
     .venv/bin/python benchmarks/deploy_fidelity.py --model minilm --no-ablation --weight-ablation      # ~5 min
+    .venv/bin/python benchmarks/deploy_fidelity.py --model minilm --no-ablation --ort-preset --gptq 512  # ~5 min
 
 Uses the fine-tuned checkpoints of ``benchmarks/int8_latency.py`` (``$PEGQ_CACHE/<model>-rotten_tomatoes-e3``
 or ``-head``). Output: a table, and JSON at ``--json`` (default ``runs/bench/deploy_fidelity-<model>.json``).
@@ -29,6 +30,7 @@ ABLATIONS = {
     "attention probabilities + context": ["*.attn.probs=off", "*.attn.context=off"],
     "Q/K/V outputs": ["*.attn.query=off", "*.attn.key=off", "*.attn.value=off"],
     "weights, at 16 bits instead": ["*.weight=w16"],
+    "embedding tables (weights)": ["embeddings.*.weight=off"],
 }
 LINEAR_TYPES = ("attn.query", "attn.key", "attn.value", "attn.output", "ffn.intermediate", "ffn.output")
 
@@ -38,6 +40,7 @@ def weight_ablations(num_layers: int) -> dict[str, list[str]]:
     in every layer at FP32, the rest as the preset."""
     rows = {f"FP32 weights: layer {i}": [f"encoder.layer.{i}.*.weight=off"] for i in range(num_layers)}
     rows["FP32 weights: head"] = ["pooler.weight=off", "classifier.weight=off", "classifier.*.weight=off"]
+    rows["FP32 weights: embedding tables"] = ["embeddings.*.weight=off"]
     rows.update({f"FP32 weights: every {t}": [f"encoder.layer.*.{t}.weight=off"] for t in LINEAR_TYPES})
     return rows
 
@@ -47,15 +50,27 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=["minilm", "mpnet"], default="minilm")
     ap.add_argument("--preset", default="peg-outlier-gemm")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-ablation", action="store_true", help="only the AdaRound / bias-correction rows")
+    ap.add_argument("--override", action="append", default=[], metavar="PATTERN=TOKENS",
+                    help="added to the preset for every row (repeatable), e.g. "
+                         "'encoder.layer.*.ffn.layernorm=peg2po16'")
+    ap.add_argument("--no-ablation", action="store_true", help="only the AdaRound / GPTQ / bias-correction rows")
     ap.add_argument("--weight-ablation", action="store_true",
                     help="also rows with one layer's (or one Linear type's) weights at FP32")
     ap.add_argument("--adaround", type=int, default=0, metavar="SEQUENCES",
                     help="also AdaRound the weights on this many training sequences (0: no)")
     ap.add_argument("--adaround-iters", type=int, default=500)
     ap.add_argument("--adaround-batch-rows", type=int, default=512)
+    ap.add_argument("--ort-preset", action="store_true", help="also score the preset itself on ONNX Runtime")
+    ap.add_argument("--gptq", type=int, default=0, metavar="SEQUENCES",
+                    help="also GPTQ the weights on this many training sequences (0: no)")
+    ap.add_argument("--gptq-damp", type=float, default=0.01)
+    ap.add_argument("--gptq-cls-weight", type=float, default=1.0,
+                    help="weight of each sequence's first token in GPTQ's Hessian")
     ap.add_argument("--bias-correction", type=int, default=0, metavar="SEQUENCES",
                     help="also run empirical bias correction on this many training sequences (0: no)")
+    ap.add_argument("--weight-dtype", default="int8", choices=["int8", "uint8", "auto"],
+                    help="weight storage of the ORT rows (uint8: bit-exact with the simulation on CPUs without "
+                         "AVX-512 VNNI, where ORT's u8 x s8 kernel saturates pairs of products)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -70,10 +85,12 @@ def main(argv=None) -> int:
     from pegq.config import parse_override
     from pegq.data import compute_metrics, encode, load_task, make_loader
     from pegq.export.onnx import export_onnx, ort_predict, session
+    from pegq.gptq_model import GPTQRun, run_gptq
     from pegq.io import atomic_write_json
     from pegq.models import load_model
     from pegq.pipeline import calibration_batches, config_from_cli
     from pegq.quant.adaround import AdaRoundConfig
+    from pegq.quant.gptq import GPTQConfig
 
     torch.set_num_threads(args.threads)
     console = Console()
@@ -86,7 +103,8 @@ def main(argv=None) -> int:
     model.eval()
     task = load_task("rotten_tomatoes")
     loader = make_loader(encode(task.dev, tok, task.spec), batch_size=32)
-    ref, _ = predict(model, loader, progress=False)
+    ref, ref_labels = predict(model, loader, progress=False)
+    fp32_accuracy = compute_metrics(task.spec, ref, ref_labels)["score"]
     ref = np.asarray(ref, np.float64).ravel()
 
     def cosine(logits) -> float:
@@ -95,13 +113,15 @@ def main(argv=None) -> int:
 
     def calibrated(extra: list[str]):
         cfg = config_from_cli(args.preset, None, None, None, None, None)
+        cfg.overrides += [parse_override(o) for o in args.override]
         cfg.overrides += [parse_override(o + ",optional") for o in extra]
         qm = quantize(copy.deepcopy(model), cfg)
         batches = calibration_batches(task, tok, cfg)
         calibrate(qm, batches, progress=False)
         return qm, batches
 
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = {"FP32 (the reference)": {"cosine": 1.0, "accuracy": fp32_accuracy}}
+    console.print(f"FP32: accuracy {fp32_accuracy:.2f}")
 
     def score(name: str, logits, labels, **extra) -> None:
         rows[name] = {"cosine": cosine(logits), "accuracy": compute_metrics(task.spec, logits, labels)["score"],
@@ -110,9 +130,14 @@ def main(argv=None) -> int:
 
     def on_ort(qm, name: str) -> None:
         path = Path(f"runs/bench/deploy_fidelity-{args.model}-{name.split()[0].lower()}.onnx")
-        export_onnx(qm, path)
+        try:
+            export_onnx(qm, path, weight_dtype=args.weight_dtype)
+        except ValueError as e:  # ExportError / RewriteError: a layout the int8 export cannot run
+            console.print(f"{name}: no ORT row ({str(e).splitlines()[0]})")
+            return
         sess = session(path, threads=args.threads)
-        score(f"{name}, ORT int8", *ort_predict(sess, loader, [i.name for i in sess.get_inputs()], progress=False))
+        logits, labels = ort_predict(sess, loader, [i.name for i in sess.get_inputs()], progress=False)
+        score(f"{name}, ORT {args.weight_dtype} weights", logits, labels)
 
     if not args.no_ablation:
         for name, extra in ABLATIONS.items():
@@ -131,6 +156,23 @@ def main(argv=None) -> int:
         secs = time.time() - t0
         name = f"AdaRound ({args.adaround} seq, {args.adaround_iters} it)"
         score(f"{name}, simulated", *predict(qm, loader, progress=False), adaround_s=secs)
+        on_ort(qm, name)
+
+    if args.ort_preset:
+        qm, _ = calibrated([])
+        score("Preset, simulated", *predict(qm, loader, progress=False))
+        on_ort(qm, "Preset")
+
+    if args.gptq:
+        qm, batches = calibrated([])
+        t0 = time.time()
+        run = GPTQRun(num_samples=args.gptq, cls_weight=args.gptq_cls_weight, layer=GPTQConfig(damp=args.gptq_damp))
+        rep = run_gptq(qm, task, tok, run, batches, progress=True)
+        secs = time.time() - t0
+        console.print(f"GPTQ: proxy loss sum {rep['proxy_nearest_sum']:.4g} (nearest) -> {rep['proxy_gptq_sum']:.4g}, "
+                      f"{rep['layers_improved']}/{rep['layers']} layers lower, {secs:.0f} s")
+        name = f"GPTQ ({args.gptq} seq)"
+        score(f"{name}, simulated", *predict(qm, loader, progress=False), gptq_s=secs)
         on_ort(qm, name)
 
     if args.bias_correction:

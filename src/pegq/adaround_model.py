@@ -151,21 +151,46 @@ class _WeightsOff:
             q.bits = b
 
 
-def _load_state(state_dir: Path | None, run: AdaRoundRun, names: list[str]) -> dict:
-    if state_dir is None or not (state_dir / STATE_FILE).exists():
+def _load_state(state_dir: Path | None, run, names: list[str], filename: str = STATE_FILE) -> dict:
+    """The finished layers of an interrupted run (``run``: its settings, with ``to_dict``), or a fresh state."""
+    if state_dir is None or not (state_dir / filename).exists():
         return {"done": {}, "info": {}}
-    st = torch.load(state_dir / STATE_FILE, weights_only=False)
+    st = torch.load(state_dir / filename, weights_only=False)
     if st.get("run") != run.to_dict() or st.get("names") != names:
-        print(f"ignoring {state_dir / STATE_FILE}: it was made with other AdaRound settings")
+        print(f"ignoring {state_dir / filename}: it was made with other settings")
         return {"done": {}, "info": {}}
     return st
 
 
-def _save_state(state_dir: Path, st: dict) -> None:
+def _save_state(state_dir: Path, st: dict, filename: str = STATE_FILE) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / f".{STATE_FILE}.tmp"
+    tmp = state_dir / f".{filename}.tmp"
     torch.save(st, tmp)
-    os.replace(tmp, state_dir / STATE_FILE)
+    os.replace(tmp, state_dir / filename)
+
+
+def start_rounding(qm: QuantizedModel, run, state_dir, method: str, filename: str):
+    """The common start of a whole-model weight-rounding run (AdaRound, GPTQ): the Linear weights to
+    round (checked calibrated and frozen), the state of an interrupted run with its finished layers'
+    offsets re-applied, and ``state_dir`` as a Path (or None)."""
+    layers = linear_weight_quantizers(qm)
+    if not layers:
+        raise ValueError(f"no enabled weight quantizer on a Linear layer: nothing for {method} to do "
+                         f"(use a preset with quantized weights, e.g. w4a32)")
+    quantizers = qm.quantizers
+    for n in layers:
+        q = quantizers[n]
+        if q.state != QuantState.FROZEN or (q.x_min is None and q.scale_param is None):
+            raise ValueError(f"{n}: {method} needs calibrated, frozen weight quantizers; run calibrate first")
+    names = list(layers)
+    state_dir = Path(state_dir) if state_dir is not None else None
+    st = _load_state(state_dir, run, names, filename)
+    st.update(run=run.to_dict(), names=names)
+    for n, off in st["done"].items():  # resumed: re-apply finished layers
+        quantizers[n].round_offset = off.clone()
+    if st["done"]:
+        print(f"{method}: resuming after {len(st['done'])}/{len(names)} finished layers")
+    return layers, st, state_dir
 
 
 def adaround_model(
@@ -183,23 +208,8 @@ def adaround_model(
     round-to-nearest and with AdaRound, fraction of flipped roundings, seconds) and totals.
     """
     run = run or AdaRoundRun()
-    layers = linear_weight_quantizers(qm)
-    if not layers:
-        raise ValueError("no enabled weight quantizer on a Linear layer: nothing for AdaRound to do "
-                         "(use a preset with quantized weights, e.g. w4a32)")
-    quantizers = qm.quantizers
-    for n in layers:
-        q = quantizers[n]
-        if q.state != QuantState.FROZEN or (q.x_min is None and q.scale_param is None):
-            raise ValueError(f"{n}: AdaRound needs calibrated, frozen weight quantizers; run calibrate first")
-    names = list(layers)
-    state_dir = Path(state_dir) if state_dir is not None else None
-    st = _load_state(state_dir, run, names)
-    st.update(run=run.to_dict(), names=names)
-    for n, off in st["done"].items():  # resumed: re-apply finished layers
-        quantizers[n].round_offset = off.clone()
-    if st["done"]:
-        print(f"AdaRound: resuming after {len(st['done'])}/{len(names)} finished layers")
+    layers, st, state_dir = start_rounding(qm, run, state_dir, "AdaRound", STATE_FILE)
+    quantizers, names = qm.quantizers, list(layers)
     t0 = time.perf_counter()
     pending = [n for n in names if n not in st["done"]]
     with _ActsOff(qm):
@@ -287,28 +297,34 @@ def calibration_sequences(task, tokenizer, num_samples: int, seed: int = 0, batc
     return list(make_loader(ds, batch_size=batch_size))
 
 
-def state_dir_for(output_dir: str | Path) -> Path:
-    """Where an interrupted ``pegq ptq --adaround`` keeps its finished layers."""
-    return Path(output_dir) / ".adaround-state"
+def state_dir_for(output_dir: str | Path, method: str = "adaround") -> Path:
+    """Where an interrupted ``pegq ptq --adaround`` (``method="gptq"``: ``--gptq``) keeps its finished layers."""
+    return Path(output_dir) / f".{method}-state"
 
 
-def run_adaround(qm: QuantizedModel, task, tokenizer, run: AdaRoundRun, calib_batches: list[dict],
-                 output_dir: str | Path | None = None, progress: bool = True, device="cpu") -> dict:
-    """The ``pegq ptq --adaround`` step after calibration: AdaRound on ``run.num_samples`` training
-    sequences, then re-calibrate enabled activation quantizers on the PTQ calibration batches.
-    Resumable through ``<output_dir>/.adaround-state`` (removed by the caller once results are written,
-    :func:`clear_state`)."""
+def run_on_sequences(method, qm: QuantizedModel, task, tokenizer, run, calib_batches: list[dict],
+                     state_dir: Path | None, progress: bool = True, device="cpu") -> dict:
+    """``method(qm, sequences, run, state_dir=..., progress=..., device=...)`` (:func:`adaround_model` or
+    :func:`pegq.gptq_model.gptq_model`) on ``run.num_samples`` training sequences, then re-calibrate the
+    enabled activation quantizers on the PTQ calibration batches."""
     seqs = calibration_sequences(task, tokenizer, run.num_samples, seed=run.seed, batch_size=run.batch_size)
-    state = state_dir_for(output_dir) if output_dir is not None else None
-    info = adaround_model(qm, seqs, run, state_dir=state, progress=progress, device=device)
+    info = method(qm, seqs, run, state_dir=state_dir, progress=progress, device=device)
     recalibrate_activations(qm, calib_batches, progress=progress, device=device)
     info["num_sequences"] = sum(int(b["input_ids"].shape[0]) for b in seqs)
     return info
 
 
-def clear_state(output_dir: str | Path | None) -> None:
+def run_adaround(qm: QuantizedModel, task, tokenizer, run: AdaRoundRun, calib_batches: list[dict],
+                 output_dir: str | Path | None = None, progress: bool = True, device="cpu") -> dict:
+    """The ``pegq ptq --adaround`` step after calibration (:func:`run_on_sequences`). Resumable through
+    ``<output_dir>/.adaround-state`` (removed by the caller once results are written, :func:`clear_state`)."""
+    state = state_dir_for(output_dir) if output_dir is not None else None
+    return run_on_sequences(adaround_model, qm, task, tokenizer, run, calib_batches, state, progress, device)
+
+
+def clear_state(output_dir: str | Path | None, method: str = "adaround") -> None:
     if output_dir is None:
         return
     import shutil
 
-    shutil.rmtree(state_dir_for(output_dir), ignore_errors=True)
+    shutil.rmtree(state_dir_for(output_dir, method), ignore_errors=True)

@@ -186,6 +186,10 @@ def ptq(
     adaround_iters: Annotated[int, typer.Option(help="AdaRound iterations per layer (paper: 10^4).")] = 10_000,
     adaround_samples: Annotated[int, typer.Option(help="AdaRound calibration sequences (paper: 1024).")] = 1024,
     adaround_batch_rows: Annotated[int, typer.Option(help="AdaRound token rows per iteration.")] = 1024,
+    gptq: Annotated[bool, typer.Option("--gptq", help="Round every Linear weight with GPTQ (Frantar et al. "
+                                       "2022, not in the paper) after calibration; instead of --adaround.")] = False,
+    gptq_samples: Annotated[int, typer.Option(help="GPTQ calibration sequences.")] = 256,
+    gptq_damp: Annotated[float, typer.Option(help="GPTQ dampening, a fraction of mean(diag H).")] = 0.01,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ):
@@ -202,10 +206,16 @@ def ptq(
 
             ada = AdaRoundRun(num_samples=adaround_samples, seed=cfg.calibration.seed,
                               layer=AdaRoundConfig(iters=adaround_iters, batch_rows=adaround_batch_rows))
+        gq = None
+        if gptq:
+            from .gptq_model import GPTQRun
+            from .quant.gptq import GPTQConfig
+
+            gq = GPTQRun(num_samples=gptq_samples, seed=cfg.calibration.seed, layer=GPTQConfig(damp=gptq_damp))
         r = run_ptq(model, task, cfg, output, overrides=override, data_dir=data_dir,
                     max_eval_examples=max_eval_examples, overwrite=overwrite, progress=not quiet,
                     task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels),
-                    adaround=ada)
+                    adaround=ada, gptq=gq)
         console.print(results_table([r]))
         console.print(size_text(r["size"]))
         console.print(f"results -> {Path(output) / 'results.json'}")

@@ -62,8 +62,8 @@ Presets (``pegq presets``; a preset name goes wherever a config path does):
   ``qat-w8a8``, ``qat-w4a8``, ``qat-w4a8-e2``.
 * int8 deployment on ONNX Runtime, not in the paper (section "int8 deployment" below): ``w8a8-gemm``
   (activations quantized only where a matmul consumes them), ``peg-gemm`` (+ PEG on the FFN input) and
-  ``peg-outlier-gemm`` (+ per-channel encoder weights and a 16-dim outlier group, ``peg2po16``, on the FFN
-  input and the FFN hidden activation).
+  ``peg-outlier-gemm`` (+ per-channel encoder weights, per-embedding-dim embedding tables and a 16-dim
+  outlier group, ``peg2po16``, on the FFN input and the FFN hidden activation).
 """
 
 from __future__ import annotations
@@ -559,11 +559,13 @@ _DEPLOY: dict[str, tuple[str, list[str]]] = {
                  "permutation on the FFN input (the only matmul input that carries the residual outliers); "
                  "exported as 6 per-tensor int8 matmuls", [f"{FFN_INPUT}=peg6p"]),
     "peg-outlier-gemm": ("int8 deployment (not in the paper): as w8a8-gemm with per-output-channel encoder "
-                         "weights, plus PEG with one 16-dim outlier group (peg2po16: the 16 widest-range dims "
-                         "get their own range, every other dim one narrow range) on the FFN input and on the "
-                         "FFN hidden activation (the second FFN Linear's input); exported as 2-way split "
-                         "int8 matmuls", [f"{FFN_INPUT}=peg2po16", f"{FFN_HIDDEN}=peg2po16",
-                                           "encoder.layer.*.weight=channel"]),
+                         "weights and embedding tables with one scale per embedding dim (looked up as int8 "
+                         "rows, dequantized after the lookup), plus PEG with one 16-dim outlier group "
+                         "(peg2po16: the 16 widest-range dims get their own range, every other dim one narrow "
+                         "range) on the FFN input and on the FFN hidden activation (the second FFN Linear's "
+                         "input); exported as 2-way split int8 matmuls",
+                         [f"{FFN_INPUT}=peg2po16", f"{FFN_HIDDEN}=peg2po16", "encoder.layer.*.weight=channel",
+                          "embeddings.*.weight=channel1,optional"]),
 }
 
 

@@ -61,9 +61,14 @@ def run_ptq(
     fp32_score: dict | None = None,
     task_kwargs: dict | None = None,
     adaround=None,
+    gptq=None,
 ) -> dict:
     """``adaround``: a :class:`pegq.adaround_model.AdaRoundRun` to learn the weights' rounding after
-    calibration (``pegq ptq --adaround``; resumable through ``<output>/.adaround-state``)."""
+    calibration (``pegq ptq --adaround``; resumable through ``<output>/.adaround-state``); ``gptq``: a
+    :class:`pegq.gptq_model.GPTQRun` to round them with GPTQ instead (``pegq ptq --gptq``; resumable through
+    ``<output>/.gptq-state``)."""
+    if adaround is not None and gptq is not None:
+        raise ValueError("AdaRound and GPTQ both choose the weights' rounding; pick one (--adaround or --gptq)")
     if output_dir is not None:
         out = prepare_output_dir(output_dir, overwrite)
     cfg = resolve_config(config)
@@ -88,6 +93,11 @@ def run_ptq(
 
         adaround_info = run_adaround(qm, task, tokenizer, adaround, batches,
                                      out if output_dir is not None else None, progress)
+    gptq_info = None
+    if gptq is not None:  # GPTQ rounding of every Linear weight (pegq.gptq_model), not in the paper
+        from .gptq_model import run_gptq
+
+        gptq_info = run_gptq(qm, task, tokenizer, gptq, batches, out if output_dir is not None else None, progress)
     t1 = time.perf_counter()
     q_score = evaluate(qm, loader, task.spec, progress=progress, desc=f"{cfg.name} eval")
     timings["quant_eval_s"] = time.perf_counter() - t1
@@ -114,12 +124,19 @@ def run_ptq(
     if adaround_info is not None:
         result["config_name"] = f"{cfg.name}+adaround"
         result["adaround"] = adaround_info
+    if gptq_info is not None:
+        result["config_name"] = f"{cfg.name}+gptq"
+        result["gptq"] = gptq_info
     if output_dir is not None:
         atomic_write_json(Path(out) / "results.json", result)
         if adaround_info is not None:
             from .adaround_model import clear_state
 
             clear_state(out)
+        if gptq_info is not None:
+            from .adaround_model import clear_state
+
+            clear_state(out, "gptq")
     return result
 
 

@@ -27,7 +27,8 @@ How a calibrated :class:`~pegq.models.QuantizedModel` becomes a QDQ ONNX model:
      to chance), while per-tensor inputs with an outlier range rarely do; the other matmuls keep the
      faster uint8 x int8 kernel.
    * a weight ``Transpose`` is folded into the integers; an embedding lookup ``Gather(DQ(table))``
-     becomes ``DQ(Gather(int table))`` (only the looked-up rows are dequantized); the split/concat
+     becomes ``DQ(Gather(int table))`` (only the looked-up rows are dequantized; per-tensor tables and
+     tables with one scale per embedding dim, ``channel1``); the split/concat
      pairs the PEG rewrite leaves between a group's quantizer and its matmul are removed, so that every
      group's ``DequantizeLinear`` feeds its ``MatMul`` directly; the residual sum is added per group; the
      K group products of the split Linear are summed by one ``Sum``.
@@ -501,7 +502,9 @@ _MOVES = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Slice", "E
 
 
 def _fold_gather(g: _Graph) -> int:
-    """``Gather(DQ(int table), ids)`` becomes ``DQ(Gather(int table, ids))`` for per-tensor tables.
+    """``Gather(DQ(int table), ids)`` becomes ``DQ(Gather(int table, ids))`` for per-tensor tables and for
+    tables quantized per embedding dim (per-axis along the table's last axis, which stays the last axis of
+    the gathered rows: the new DQ has ``axis=-1``). Per-row tables stay ``Gather(DQ(table))``.
 
     Not for int4/uint4 tables (ONNX Gather has no 4-bit types): those stay ``Gather(DQ(table))``."""
     from onnx import TensorProto as T
@@ -509,9 +512,17 @@ def _fold_gather(g: _Graph) -> int:
 
     n_done = 0
     for dq in list(g.g.node):
-        if dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits or g.inits[dq.input[1]].dims:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits:
             continue
-        if g.inits[dq.input[0]].data_type in (T.INT4, T.UINT4):
+        table = g.inits[dq.input[0]]
+        per_dim = False
+        if g.inits[dq.input[1]].dims:  # per-axis: only along the table's last axis
+            rank = len(table.dims)
+            if rank < 2 or _attr(dq, "axis", 1) % rank != rank - 1 or any(
+                    _attr(c, "axis", 0) != 0 for c in g.consumers.get(dq.output[0], [])):
+                continue
+            per_dim = True
+        if table.data_type in (T.INT4, T.UINT4):
             continue
         cons = g.consumers.get(dq.output[0], [])
         if not cons or any(c.op_type != "Gather" or c.input[0] != dq.output[0] for c in cons):
@@ -527,7 +538,8 @@ def _fold_gather(g: _Graph) -> int:
             gathered = f"{dq.name}/gathered{k}"
             idx = list(g.g.node).index(ga)
             g.g.node.insert(idx + 1, helper.make_node(
-                "DequantizeLinear", [gathered, dq.input[1], dq.input[2]], [ga.output[0]], name=f"{dq.name}{k}"))
+                "DequantizeLinear", [gathered, *dq.input[1:]], [ga.output[0]], name=f"{dq.name}{k}",
+                **({"axis": -1} if per_dim else {})))
             ga.input[0] = dq.input[0]
             ga.output[0] = gathered
         g.g.node.remove(dq)

@@ -111,7 +111,8 @@ class Quantizer(nn.Module):
         self.register_buffer("x_max", None)
         self.register_buffer("perm", None)
         self.register_buffer("group_index", None)
-        # AdaRound (pegq.quant.adaround): per-element rounding decisions (uint8, shaped like the weight)
+        # AdaRound / GPTQ (pegq.quant.adaround, .gptq): per-element rounding offsets from floor(W/s) (AdaRound:
+        # uint8 0/1; GPTQ: int16), shaped like the weight
         # used instead of round-to-nearest when set; dropped by reset()/estimate()
         self.register_buffer("round_offset", None)
         self.register_parameter("scale_param", None)

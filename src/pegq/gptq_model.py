@@ -1,0 +1,250 @@
+"""GPTQ over a whole wrapped model (:mod:`pegq.quant.gptq`; not in the paper, an alternative to AdaRound).
+
+Sequential, as in the GPTQ reference code: the Linear layers are taken in forward order, in groups that
+read the same input tensor (a layer's query, key and value Linears); for each group
+
+1. ``H = X^T X / n`` is accumulated over the calibration sequences (padding tokens dropped) from the inputs
+   the group sees in the *quantized* model: earlier groups with their GPTQ weights, activation quantizers
+   as configured (a W8A8 model's Linears see 8-bit inputs, so GPTQ fits the weights to those), this and
+   later groups' weights as the calibrated round-to-nearest; a forward pass stops at the group;
+2. each member's weight is rounded by :func:`pegq.quant.gptq.gptq_offset` on its calibrated grid, and the
+   result is frozen into the weight quantizer (``Quantizer.round_offset``, as AdaRound does). Where GPTQ's
+   proxy loss on the calibration rows is above round-to-nearest's (it is greedy; rare), nearest is kept
+   (reported as ``kept``).
+
+Then the enabled activation quantizers are re-calibrated (:func:`pegq.adaround_model.recalibrate_activations`),
+since their ranges were estimated with round-to-nearest weights. Embedding tables keep round-to-nearest.
+An interrupted run resumes after the last finished group (``state_dir``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from .adaround_model import (
+    _rows,
+    _save_state,
+    _Stop,
+    run_batches,
+    run_on_sequences,
+    start_rounding,
+    state_dir_for,
+)
+from .models.base import QuantizedModel
+from .quant.adaround import nearest_offset
+from .quant.gptq import GPTQConfig, Hessian, gptq_offset
+
+STATE_FILE = "gptq_state.pt"
+
+
+@dataclass
+class GPTQRun:
+    """Model-level settings: the per-layer algorithm (:class:`GPTQConfig`) plus the data."""
+
+    num_samples: int = 256  # calibration sequences
+    batch_size: int = 32  # sequences per forward pass
+    seed: int = 0
+    cls_weight: float = 1.0  # weight of each sequence's first token ([CLS], what a classifier reads) in H
+    layer: GPTQConfig = field(default_factory=GPTQConfig)
+
+    def __post_init__(self):
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"GPTQ needs at least one calibration sequence, got {self.num_samples!r}")
+        if not self.cls_weight > 0:
+            raise ValueError(f"GPTQ cls_weight must be > 0, got {self.cls_weight}")
+        if self.batch_size < 1:
+            raise ValueError(f"GPTQ batch_size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def input_groups(qm: QuantizedModel, layers: dict[str, nn.Linear], batch: dict, device="cpu") -> list[list[str]]:
+    """The Linear layers of ``layers`` in the order a forward pass calls them, grouped where consecutive
+    layers read the very same input tensor (e.g. query/key/value)."""
+    order: list[tuple[str, int]] = []
+    keep: list[torch.Tensor] = []  # holds the inputs so that their ids stay unique during the pass
+    by_module = {id(m): n for n, m in layers.items()}
+    hooks = []
+    for m in layers.values():
+        def hook(mod, args, _by=by_module):
+            if not any(n == _by[id(mod)] for n, _ in order):
+                keep.append(args[0])
+                order.append((_by[id(mod)], id(args[0])))
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        run_batches(qm, [batch], [None], device)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n in layers if n not in {n for n, _ in order}]
+    if missing:
+        raise RuntimeError(f"GPTQ: {len(missing)} Linear layers were never called in a forward pass, e.g. {missing[0]}")
+    groups: list[list[str]] = []
+    last = None
+    for n, x in order:
+        if groups and x == last:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last = x
+    return groups
+
+
+def _block_of(model: nn.Module, layers: dict[str, nn.Linear]) -> dict[str, nn.Module | None]:
+    """For each Linear, the encoder block it sits in: its outermost ancestor that is an element of an
+    ``nn.ModuleList`` (``encoder.layer.3`` in BERT, ``transformer.layer.3`` in DistilBERT, ...); None for
+    Linears outside such a list (pooler, classifier head)."""
+    path = {id(m): n for n, m in model.named_modules()}
+    lists = {n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    mods = dict(model.named_modules())
+    out = {}
+    for name, lin in layers.items():
+        parts = path[id(lin)].split(".")
+        block = None
+        for k in range(1, len(parts)):
+            if ".".join(parts[: k - 1]) in lists and k >= 2:
+                block = mods[".".join(parts[:k])]
+                break
+        out[name] = block
+    return out
+
+
+class _Hessians:
+    """Input Hessians of a group's Linear, either from full forward passes of the model that stop at it, or
+    (for a Linear inside an encoder block) from the block alone, re-run on its inputs cached once per block
+    through the quantized model so far."""
+
+    def __init__(self, qm: QuantizedModel, batches: list[dict], device="cpu", cls_weight: float = 1.0):
+        self.qm, self.batches, self.device, self.cls_weight = qm, batches, device, cls_weight
+        self.block: nn.Module | None = None
+        self.cache: list[tuple[tuple, dict, torch.Tensor | None]] = []
+
+    @torch.no_grad()
+    def _cache_block(self, block: nn.Module) -> None:
+        self.cache, self.block = [], None
+        mask_box: list[torch.Tensor | None] = [None]
+
+        def hook(mod, args, kwargs):
+            self.cache.append((args, kwargs, mask_box[0]))
+            raise _Stop
+
+        h = block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with parametrize.cached():
+                run_batches(self.qm, self.batches, mask_box, self.device)
+        finally:
+            h.remove()
+        self.block = block
+
+    @torch.no_grad()
+    def __call__(self, module: nn.Linear, block: nn.Module | None) -> Hessian:
+        hess = Hessian(module.in_features)
+        mask_box: list[torch.Tensor | None] = [None]
+
+        def hook(mod, args):
+            x, mask = args[0], mask_box[0]
+            r = None
+            if self.cls_weight != 1.0 and x.ndim == 3 and mask is not None and mask.shape[:2] == x.shape[:2]:
+                w = mask.to(torch.float64).clone()
+                w[:, 0] *= self.cls_weight
+                r = w[mask.bool()]
+            hess.add(_rows(x, mask), r)
+            raise _Stop
+
+        h = module.register_forward_pre_hook(hook)
+        try:
+            with parametrize.cached():
+                if block is None:
+                    run_batches(self.qm, self.batches, mask_box, self.device)
+                else:
+                    if block is not self.block:
+                        self._cache_block(block)
+                    self.qm.eval()
+                    for args, kwargs, mask in self.cache:
+                        mask_box[0] = mask
+                        try:
+                            block(*args, **kwargs)
+                        except _Stop:
+                            pass
+        finally:
+            h.remove()
+        if hess.rows == 0:
+            raise RuntimeError(f"{type(module).__name__} was never called during the forward pass")
+        return hess
+
+
+def gptq_model(
+    qm: QuantizedModel,
+    batches: list[dict],
+    run: GPTQRun | None = None,
+    state_dir: str | Path | None = None,
+    progress: bool = True,
+    device="cpu",
+) -> dict:
+    """GPTQ every Linear weight of a calibrated ``qm`` (see the module docstring), on ``batches`` (e.g. from
+    :func:`pegq.adaround_model.calibration_sequences`). Returns a report with one entry per layer (proxy loss of
+    round-to-nearest and of GPTQ, share of changed integers, seconds) and totals."""
+    run = run or GPTQRun()
+    layers, st, state_dir = start_rounding(qm, run, state_dir, "GPTQ", STATE_FILE)
+    quantizers, names = qm.quantizers, list(layers)
+    t0 = time.perf_counter()
+    groups = input_groups(qm, layers, batches[0], device)
+    blocks = _block_of(qm.model, layers)
+    hessians = _Hessians(qm, batches, device, run.cls_weight)
+    todo = [g for g in groups if any(n not in st["done"] for n in g)]
+    bar = tqdm(total=len(todo), desc="GPTQ", disable=not progress, mininterval=1.0)
+    for g in todo:
+        hess = hessians(layers[g[0]], blocks[g[0]])
+        for n in g:
+            q, lin = quantizers[n], layers[n]
+            w = lin.parametrizations.weight.original.detach()
+            scale, zero = q.qparams()
+            gran = q.granularity
+            s = gran.broadcast(scale.detach(), w, q.group_index)
+            z = None if q.symmetric else gran.broadcast(zero.detach(), w, q.group_index)
+            offset, info = gptq_offset(w, s, z, q.qmin, q.qmax, hess.h, run.layer)
+            info["rows"] = hess.rows
+            info["kept"] = "gptq"
+            if info["proxy_gptq"] > info["proxy_nearest"]:
+                # a safeguard (as for AdaRound): never worse than nearest on the calibration rows
+                offset = nearest_offset(w.float(), s).to(torch.int16)
+                info["kept"] = "nearest"
+            q.round_offset = offset.to(w.device)
+            st["done"][n] = offset.cpu()
+            st["info"][n] = info
+        if state_dir is not None:
+            _save_state(state_dir, st, STATE_FILE)
+        bar.update(1)
+        bar.set_postfix(layer=g[0], refresh=False)
+    bar.close()
+    infos = st["info"]
+    return {
+        "layers": len(names),
+        "groups": len(groups),
+        "settings": run.to_dict(),
+        "seconds_this_run": time.perf_counter() - t0,
+        "proxy_nearest_sum": sum(i["proxy_nearest"] for i in infos.values()),
+        "proxy_gptq_sum": sum(i["proxy_gptq"] for i in infos.values()),
+        "layers_improved": sum(i["proxy_gptq"] < i["proxy_nearest"] for i in infos.values()),
+        "layers_kept_nearest": sum(i["kept"] == "nearest" for i in infos.values()),
+        "per_layer": infos,
+    }
+
+
+def run_gptq(qm: QuantizedModel, task, tokenizer, run: GPTQRun, calib_batches: list[dict],
+             output_dir: str | Path | None = None, progress: bool = True, device="cpu") -> dict:
+    """The ``pegq ptq --gptq`` step after calibration: GPTQ on ``run.num_samples`` training sequences, then
+    re-calibrate enabled activation quantizers on the PTQ calibration batches. Resumable through
+    ``<output_dir>/.gptq-state`` (removed by the caller once results are written:
+    ``pegq.adaround_model.clear_state(output_dir, "gptq")``)."""
+    state = state_dir_for(output_dir, "gptq") if output_dir is not None else None
+    return run_on_sequences(gptq_model, qm, task, tokenizer, run, calib_batches, state, progress, device)

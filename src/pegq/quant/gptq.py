@@ -1,0 +1,170 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", Algorithm 1): round a Linear weight column by column on a *fixed* grid and spread each
+column's rounding error over the columns not yet rounded, weighted by the inverse Hessian of the layer's
+reconstruction loss ``||W X - Q X||^2`` (``H = X^T X`` over the calibration rows). Not in the paper
+(Bondarenko et al. 2021); pegq offers it next to AdaRound as a weight-rounding method for 8-bit and low-bit
+weights.
+
+The grid is the weight quantizer's calibrated one and is not changed: only the integer chosen for each
+weight changes, so the result is a rounding offset (``Quantizer.round_offset``, as for AdaRound) and every
+export (ONNX, packed) carries it unchanged. The scale (and zero-point) must be the same along a row's
+inputs: per-tensor or per-output-channel, which is what every Linear weight quantizer in pegq uses.
+
+Algorithm as in the GPTQ reference code: dampening ``damp * mean(diag H)`` on the diagonal, optional
+"act-order" (columns with the largest ``diag H`` first), lazy block updates of ``block_size`` columns,
+the upper Cholesky factor of ``H^-1``. Inputs that were always zero (``diag H == 0``) get ``H_ii = 1`` so
+their weights are plainly rounded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .adaround import _bounds, _inv
+
+
+@dataclass
+class GPTQConfig:
+    block_size: int = 128  # columns per lazy batch update (speed only: the result does not depend on it)
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    act_order: bool = True  # round the inputs with the largest diag(H) first
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"GPTQ block_size must be >= 1, got {self.block_size}")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"GPTQ damp must be in [0, 1), got {self.damp}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Hessian:
+    """Running ``X^T diag(r) X / sum(r)`` (float64) over calibration rows ``[n, in]`` of one layer's input,
+    with optional non-negative row weights ``r`` (default 1: ``X^T X / n``)."""
+
+    def __init__(self, columns: int):
+        self.h = torch.zeros(columns, columns, dtype=torch.float64)
+        self.rows = 0
+        self.weight = 0.0
+
+    def add(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
+        if x.shape[1] != self.h.shape[0]:
+            raise ValueError(f"GPTQ Hessian has {self.h.shape[0]} columns but got rows of {x.shape[1]}")
+        n = x.shape[0]
+        if n == 0:
+            return
+        if row_weights is None:
+            xr, w = x, float(n)
+        else:
+            r = row_weights.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+            if r.numel() != n or bool((r < 0).any()):
+                raise ValueError(f"GPTQ row weights must be {n} non-negative numbers, one per row")
+            xr, w = x * r[:, None], float(r.sum())
+        total = self.weight + w
+        if total == 0:
+            return
+        self.h.mul_(self.weight / total).add_(xr.T @ x, alpha=1.0 / total)
+        self.weight = total
+        self.rows += n
+
+
+def _row_vector(t: torch.Tensor | None, weight: torch.Tensor, what: str) -> torch.Tensor | None:
+    """A per-tensor or per-output-row quantization parameter as a ``[out, 1]`` column; anything that varies
+    along a row's inputs cannot be used by GPTQ's column-by-column rounding."""
+    if t is None:
+        return None
+    full = torch.as_tensor(t, dtype=torch.float32, device=weight.device).expand(weight.shape)
+    col = full[:, :1]
+    if not torch.equal(full, col.expand_as(full)):
+        raise ValueError(f"GPTQ needs a weight {what} that is the same for all inputs of a row (per-tensor or "
+                         f"per-output-channel); this one varies along the input dimension")
+    return col.contiguous()
+
+
+def proxy_loss(weight: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr((W - Q) H (W - Q)^T) / out``: the layer's mean squared output error per row of ``X``."""
+    d = (weight.double() - wq.double()).to(hessian.device)
+    return float(((d @ hessian) * d).sum() / weight.shape[0])
+
+
+def gptq_offset(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    hessian: torch.Tensor,
+    config: GPTQConfig | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """GPTQ rounding of ``weight`` ``[out, in]`` on the grid ``(scale, zero, qmin, qmax)`` (``zero`` None:
+    symmetric) for the input second moment ``hessian`` ``[in, in]`` (e.g. :class:`Hessian`).
+
+    Returns ``offset`` (int16 integers shaped like ``weight``, for
+    :func:`~pegq.quant.adaround.fake_quant_fixed_rounding`: code = ``floor(W/s) + offset``) and an info dict
+    with the proxy loss (:func:`proxy_loss`) of round-to-nearest and of GPTQ."""
+    cfg = config or GPTQConfig()
+    if weight.ndim != 2:
+        raise ValueError(f"GPTQ rounds 2-D Linear weights [out, in]; got shape {tuple(weight.shape)}")
+    cols = weight.shape[1]
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"GPTQ Hessian must be [{cols}, {cols}] for a weight with {cols} inputs; got "
+                         f"{tuple(hessian.shape)}")
+    t0 = time.perf_counter()
+    w0 = weight.detach().float()
+    s = _row_vector(scale, w0, "scale")
+    inv_s = _inv(s).to(w0.device)
+    lo, hi = _bounds(_row_vector(zero, w0, "zero-point"), qmin, qmax)
+
+    def codes(v: torch.Tensor, inv: torch.Tensor, lo_, hi_) -> torch.Tensor:
+        q = torch.round(v * inv)
+        if isinstance(lo_, torch.Tensor):
+            return torch.minimum(torch.maximum(q, lo_), hi_)
+        return q.clamp(lo_, hi_)
+
+    h = hessian.detach().to(device="cpu", dtype=torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diagonal(h), descending=True) if cfg.act_order else torch.arange(cols)
+    h = h[perm][:, perm]
+    h.diagonal().add_(cfg.damp * float(torch.diagonal(h).mean()))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = hinv.to(device=w0.device, dtype=torch.float32)
+
+    w = w0[:, perm].clone()
+    out = torch.zeros_like(w)
+    lo_c = lo if not isinstance(lo, torch.Tensor) else lo.to(w0.device)
+    hi_c = hi if not isinstance(hi, torch.Tensor) else hi.to(w0.device)
+    for i1 in range(0, cols, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i : i + 1]
+            q = codes(col, inv_s, lo_c, hi_c)
+            out[:, i1 + i : i1 + i + 1] = q
+            e = (col - q * s) / h1[i, i]
+            w1[:, i:] -= e @ h1[i : i + 1, i:]
+            err1[:, i : i + 1] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    code = torch.empty_like(out)
+    code[:, perm] = out
+    offset = code - torch.floor(w0 * inv_s)
+    if offset.abs().max() > torch.iinfo(torch.int16).max:
+        raise ValueError("GPTQ: a weight lies more than 32767 grid steps outside the grid; its range is broken")
+    offset = offset.to(torch.int16)  # AdaRound's offsets are 0/1 (uint8); GPTQ's can be negative or > 1
+    nearest = codes(w0, inv_s, lo_c, hi_c)
+    hd = hessian.detach().double()
+    info = {
+        "proxy_nearest": proxy_loss(w0, nearest * s, hd),
+        "proxy_gptq": proxy_loss(w0, code * s, hd),
+        "changed_vs_nearest": float((code != nearest).float().mean()),
+        "max_steps_from_nearest": int((code - nearest).abs().max()),
+        "seconds": time.perf_counter() - t0,
+    }
+    return offset, info

@@ -1,0 +1,123 @@
+"""GPTQ (pegq.quant.gptq): the codes stay on the calibrated grid; with uncorrelated inputs it is exactly
+round-to-nearest; with correlated inputs it lowers the layer's output error on rows it has not seen; the
+offsets reproduce its weights through the Quantizer's fixed-rounding path; bad shapes and grids are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pegq.quant import PerChannel, Quantizer, QuantState
+from pegq.quant.adaround import fake_quant_fixed_rounding
+from pegq.quant.gptq import GPTQConfig, Hessian, gptq_offset, proxy_loss
+
+
+def _layer(out_f=32, in_f=64, rows=3000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.1
+    mix = torch.randn(in_f, in_f, generator=g) / in_f**0.5
+    x = torch.randn(rows, in_f, generator=g) @ (torch.eye(in_f) + 2 * mix)
+    return w, x
+
+
+def _nearest(w, s, qmin, qmax):
+    return torch.clamp(torch.round(w / s), qmin, qmax) * s
+
+
+@settings(max_examples=25, deadline=None)
+@given(out_f=st.integers(1, 12), in_f=st.integers(1, 40), bits=st.sampled_from([2, 4, 8]),
+       per_row=st.booleans(), act_order=st.booleans(), seed=st.integers(0, 2**16))
+def test_diagonal_hessian_is_round_to_nearest(out_f, in_f, bits, per_row, act_order, seed):
+    # no correlation between inputs: there is nothing to compensate, GPTQ must pick the nearest integer
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    s = (w.abs().amax(1, keepdim=True) if per_row else w.abs().max()).clamp_min(1e-3) / qmax
+    h = torch.diag(torch.rand(in_f, generator=g, dtype=torch.float64) + 0.1)
+    off, info = gptq_offset(w, s, None, qmin, qmax, h, GPTQConfig(act_order=act_order, block_size=7))
+    wq = fake_quant_fixed_rounding(w, s.expand_as(w), None, qmin, qmax, off)
+    torch.testing.assert_close(wq, _nearest(w, s, qmin, qmax), rtol=0, atol=1e-6)
+    assert info["changed_vs_nearest"] == 0.0
+
+
+@settings(max_examples=20, deadline=None)
+@given(bits=st.sampled_from([3, 4, 8]), zero=st.integers(-3, 3), seed=st.integers(0, 2**16),
+       block=st.sampled_from([1, 5, 128]))
+def test_codes_on_the_grid_and_block_size_does_not_change_the_result(bits, zero, seed, block):
+    w, x = _layer(8, 20, 400, seed)
+    hess = Hessian(20)
+    hess.add(x)
+    qmin, qmax = 0, 2**bits - 1  # asymmetric grid with a per-row zero-point
+    s = (w.amax(1, keepdim=True) - w.amin(1, keepdim=True)) / qmax
+    z = ((-w.amin(1, keepdim=True) / s).round() + zero).clamp(qmin, qmax)
+    off, _ = gptq_offset(w, s, z, qmin, qmax, hess.h, GPTQConfig(block_size=block))
+    ref, _ = gptq_offset(w, s, z, qmin, qmax, hess.h, GPTQConfig(block_size=128))
+    assert torch.equal(off, off.round())
+    code = torch.floor(w / s) + off + z
+    assert code.min() >= qmin and code.max() <= qmax
+    # lazy batch updates are an implementation detail: the same integers whatever the block size
+    assert (off != ref).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lower_output_error_than_nearest_on_held_out_rows(bits):
+    w, x = _layer()
+    fit, held = x[:2000], x[2000:]
+    hess = Hessian(64)
+    for chunk in fit.split(300):  # accumulated in pieces: the running mean equals the one-shot X^T X / n
+        hess.add(chunk)
+    torch.testing.assert_close(hess.h, fit.double().T @ fit.double() / 2000)
+    weighted = Hessian(64)  # row weights: a row of weight 2 counts as that row twice
+    r = torch.ones(2000)
+    r[:10] = 2
+    weighted.add(fit, r)
+    twice = torch.cat([fit, fit[:10]]).double()
+    torch.testing.assert_close(weighted.h, twice.T @ twice / 2010)
+    qmax = 2 ** (bits - 1) - 1
+    s = w.abs().amax(1, keepdim=True) / qmax
+    off, info = gptq_offset(w, s, None, -qmax - 1, qmax, hess.h)
+    wq = fake_quant_fixed_rounding(w, s.expand_as(w), None, -qmax - 1, qmax, off)
+    wn = _nearest(w, s, -qmax - 1, qmax)
+    assert info["proxy_gptq"] < 0.8 * info["proxy_nearest"], info
+    assert abs(info["proxy_gptq"] - proxy_loss(w, wq, hess.h)) < 1e-6 * info["proxy_nearest"] + 1e-12
+    err_g = (held @ (w - wq).T).pow(2).mean()
+    err_n = (held @ (w - wn).T).pow(2).mean()
+    assert err_g < 0.8 * err_n, (float(err_g), float(err_n))
+
+
+def test_quantizer_carries_the_offsets():
+    # frozen into a per-channel weight quantizer, the offsets give GPTQ's weights on every forward
+    w, x = _layer(16, 32, 800)
+    q = Quantizer(bits=4, symmetric=True, granularity=PerChannel(axis=0), estimator="current_minmax")
+    q(w)
+    q.freeze()
+    assert q.state == QuantState.FROZEN
+    scale, _ = q.qparams()
+    s = q.granularity.broadcast(scale, w, q.group_index)
+    hess = Hessian(32)
+    hess.add(x)
+    off, info = gptq_offset(w, s, None, q.qmin, q.qmax, hess.h)
+    q.round_offset = off
+    torch.testing.assert_close(q(w), fake_quant_fixed_rounding(w, s, None, q.qmin, q.qmax, off))
+    assert proxy_loss(w, q(w), hess.h) == pytest.approx(info["proxy_gptq"], rel=1e-5)
+
+
+def test_bad_input_is_refused():
+    w, x = _layer(4, 6, 50)
+    hess = Hessian(6)
+    hess.add(x)
+    s = torch.full((4, 1), 0.01)
+    with pytest.raises(ValueError, match=r"Hessian must be \[6, 6\]"):
+        gptq_offset(w, s, None, -128, 127, torch.eye(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2-D Linear weights"):
+        gptq_offset(w[0], s[0], None, -128, 127, hess.h)
+    with pytest.raises(ValueError, match="same for all inputs of a row"):
+        gptq_offset(w, torch.rand(4, 6) + 0.01, None, -128, 127, hess.h)
+    with pytest.raises(ValueError, match="rows of 5"):
+        hess.add(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="non-negative"):
+        hess.add(torch.randn(3, 6), torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="damp"):
+        GPTQConfig(damp=1.5)

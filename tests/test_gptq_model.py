@@ -1,0 +1,124 @@
+"""GPTQ over a real MiniLM (pegq.gptq_model): Linear layers grouped by shared input, every layer's proxy
+loss below round-to-nearest, dev logits closer to FP32 than with round-to-nearest at 4-bit weights, an
+interrupted run resumes after its finished groups, `pegq ptq --gptq` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pegq.adaround_model import calibration_sequences, linear_weight_quantizers
+from pegq.gptq_model import GPTQRun, gptq_model, input_groups
+from pegq.quant.gptq import GPTQConfig
+
+
+@pytest.fixture(scope="module")
+def rt():
+    from pegq.data import load_task
+
+    return load_task("rotten_tomatoes")
+
+
+def _calibrated(minilm_path, rt, preset="w4a32"):
+    from pegq.api import calibrate, quantize
+    from pegq.config import get_preset
+    from pegq.models import load_model
+    from pegq.pipeline import calibration_batches
+
+    model, tok = load_model(minilm_path, num_labels=2)
+    cfg = get_preset(preset)
+    cfg.calibration.num_batches = 2
+    qm = quantize(model, cfg)
+    calibrate(qm, calibration_batches(rt, tok, cfg), progress=False)
+    return qm, tok
+
+
+def _dev_logits(qm, rt, tok, n=128):
+    from pegq.api import predict
+    from pegq.data import encode, make_loader
+
+    loader = make_loader(encode(rt.dev[:n], tok, rt.spec), batch_size=32)
+    return np.asarray(predict(qm, loader, progress=False)[0], np.float64).ravel()
+
+
+def _cos(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_gptq_model_beats_nearest_and_resumes(minilm_path, rt, tmp_path, monkeypatch):
+    from pegq.peg import quantizers_off
+
+    torch.manual_seed(0)
+    qm, tok = _calibrated(minilm_path, rt)
+    layers = linear_weight_quantizers(qm)
+    seqs = calibration_sequences(rt, tok, 64, batch_size=16)
+    groups = input_groups(qm, layers, seqs[0])
+    names = ("attn.query", "attn.key", "attn.value", "attn.output", "ffn.intermediate", "ffn.output")
+    assert groups[:4] == [[f"encoder.layer.0.{n}.weight" for n in names[:3]],
+                          *([f"encoder.layer.0.{n}.weight"] for n in names[3:])]
+    assert len(groups) == 4 * qm.model.config.num_hidden_layers + 2  # + pooler and classifier
+    assert sorted(n for g in groups for n in g) == sorted(layers)
+
+    with quantizers_off(qm):
+        ref = _dev_logits(qm, rt, tok)
+    cos_nearest = _cos(_dev_logits(qm, rt, tok), ref)
+    state = tmp_path / "state"
+    info = gptq_model(qm, seqs, GPTQRun(num_samples=64), state_dir=state, progress=False)
+    assert info["layers"] == len(layers) and info["layers_improved"] == len(layers), info["per_layer"]
+    assert info["proxy_gptq_sum"] < 0.8 * info["proxy_nearest_sum"]
+    rows = int(sum(b["attention_mask"].sum() for b in seqs))
+    assert info["per_layer"]["encoder.layer.0.attn.query.weight"]["rows"] == rows
+    cos_gptq = _cos(_dev_logits(qm, rt, tok), ref)
+    assert cos_gptq > cos_nearest + 0.01, (cos_nearest, cos_gptq)
+    offsets = {n: qm.quantizers[n].round_offset.clone() for n in layers}
+
+    # a second run with the same settings finds every group done: nothing is rounded again
+    import pegq.gptq_model as gm
+
+    def boom(*a, **k):
+        raise AssertionError("re-rounded a finished layer")
+
+    monkeypatch.setattr(gm, "gptq_offset", boom)
+    qm2, _ = _calibrated(minilm_path, rt)
+    gptq_model(qm2, seqs, GPTQRun(num_samples=64), state_dir=state, progress=False)
+    for n in layers:
+        assert torch.equal(qm2.quantizers[n].round_offset, offsets[n])
+    with pytest.raises(AssertionError, match="re-rounded"):  # other settings: the saved state is not reused
+        gptq_model(qm2, seqs, GPTQRun(num_samples=64, layer=GPTQConfig(damp=0.1)), state_dir=state, progress=False)
+
+
+def test_gptq_needs_calibrated_linear_weights(minilm_path):
+    from pegq.api import quantize
+    from pegq.models import load_model
+
+    model, _ = load_model(minilm_path, num_labels=2)
+    qm = quantize(model, "w32a8")
+    with pytest.raises(ValueError, match="nothing for GPTQ"):
+        gptq_model(qm, [], progress=False)
+    with pytest.raises(ValueError, match="calibrate first"):
+        gptq_model(quantize(qm, "w4a32"), [], progress=False)
+    with pytest.raises(ValueError, match="at least one calibration sequence"):
+        GPTQRun(num_samples=0)
+
+
+def test_ptq_gptq_cli(minilm_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from pegq.cli import app
+
+    out = tmp_path / "ptq"
+    args = ["ptq", "-m", minilm_path, "-t", "rotten_tomatoes", "-o", str(out), "-p", "w8a8", "--calib-batches", "2",
+            "--gptq", "--gptq-samples", "16", "--max-eval-examples", "32", "--quiet"]
+    for o in ("encoder.layer.[1-5].*.weight=off", "pooler.weight=off", "classifier.weight=off"):  # layer 0 only
+        args += ["--override", o]
+    res = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "results.json").read_text())
+    assert r["config_name"] == "w8a8+gptq" and r["gptq"]["num_sequences"] == 16
+    assert r["gptq"]["layers"] == r["gptq"]["layers_improved"] == 6
+    assert not (out / ".gptq-state").exists()
+    res = CliRunner().invoke(app, args + ["--adaround", "--overwrite"], catch_exceptions=False)
+    assert res.exit_code == 2 and "pick one" in res.output
