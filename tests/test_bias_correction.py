@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pegq.adaround_model import calibration_sequences, linear_weight_quantizers
-from pegq.bias_correction import _input_means, _shared_input_groups, correct_bias
+from pegq.adaround_model import calibration_sequences, linear_weight_quantizers, shared_input_groups
+from pegq.bias_correction import _input_means, correct_bias
 
 # weights quantized in layers 0-1 only (keeps the test fast); activations everywhere
 LATER_OFF = ["encoder.layer.[2-5].*.weight=off", "pooler.weight=off", "classifier.weight=off"]
@@ -51,7 +51,7 @@ def test_bias_correction_matches_fp32_mean_outputs(minilm_path, rt):
     layers = linear_weight_quantizers(qm)
     assert len(layers) == 2 * 6
     seqs = calibration_sequences(rt, tok, 24, seed=1, batch_size=8)
-    groups = _shared_input_groups(qm, layers, seqs[0], "cpu")
+    groups = shared_input_groups(qm, layers, seqs[0], "cpu")
     assert groups[0] == [f"encoder.layer.0.attn.{p}.weight" for p in ("query", "key", "value")]
     assert len(groups) == 2 * 4 and sum(map(len, groups)) == len(layers)
     fp = _mean_outputs(qm, layers, seqs, quantized=False)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pegq.adaround_model import calibration_sequences, linear_weight_quantizers
-from pegq.gptq_model import GPTQRun, gptq_model, input_groups
+from pegq.adaround_model import calibration_sequences, linear_weight_quantizers, shared_input_groups
+from pegq.gptq_model import GPTQRun, gptq_model
 from pegq.quant.gptq import GPTQConfig
 
 
@@ -55,7 +55,7 @@ def test_gptq_model_beats_nearest_and_resumes(minilm_path, rt, tmp_path, monkeyp
     qm, tok = _calibrated(minilm_path, rt)
     layers = linear_weight_quantizers(qm)
     seqs = calibration_sequences(rt, tok, 64, batch_size=16)
-    groups = input_groups(qm, layers, seqs[0])
+    groups = shared_input_groups(qm, layers, seqs[0], "cpu")
     names = ("attn.query", "attn.key", "attn.value", "attn.output", "ffn.intermediate", "ffn.output")
     assert groups[:4] == [[f"encoder.layer.0.{n}.weight" for n in names[:3]],
                           *([f"encoder.layer.0.{n}.weight"] for n in names[3:])]

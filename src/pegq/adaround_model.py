@@ -119,6 +119,31 @@ def capture_layer(qm: QuantizedModel, module: nn.Module, batches: list[dict], wh
     return torch.cat(store)
 
 
+@torch.no_grad()
+def shared_input_groups(qm: QuantizedModel, layers: dict[str, nn.Linear], batch: dict, device) -> list[list[str]]:
+    """``layers`` in forward order, consecutive layers that read the very same input tensor grouped (e.g.
+    query/key/value; one forward pass of ``batch`` tells); layers that pass never called come last, one per
+    group. Used by GPTQ (one Hessian per group) and bias correction (one pass per group)."""
+    seen: list[tuple[str, torch.Tensor]] = []  # the tensors themselves (an id could be reused once freed)
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: seen.append((n, a[0]))) for n, m in layers.items()]
+    try:
+        run_batches(qm, [batch], [None], device)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for n, x in seen:
+        if any(n in g for g in groups):
+            continue
+        if groups and x is last:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last = x
+    return groups + [[n] for n in layers if not any(n in g for g in groups)]
+
+
 class _ActsOff:
     """Activation quantizers off (FP32 activations) for the duration of the block."""
 

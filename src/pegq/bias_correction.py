@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adaround_model import _rows, _Stop, linear_weight_quantizers, run_batches
+from .adaround_model import _rows, _Stop, linear_weight_quantizers, run_batches, shared_input_groups
 from .models.base import QuantizedModel
 
 
@@ -70,30 +70,6 @@ def _input_means(qm: QuantizedModel, modules: dict[str, nn.Linear], batches: lis
 
 
 @torch.no_grad()
-def _shared_input_groups(qm: QuantizedModel, layers: dict[str, nn.Linear], batch: dict, device) -> list[list[str]]:
-    """``layers`` in forward order, consecutive layers that read the very same input tensor grouped
-    (one quantized forward pass of ``batch`` tells)."""
-    seen: list[tuple[str, torch.Tensor]] = []  # the tensors themselves (an id could be reused once freed)
-    handles = [m.register_forward_hook(lambda m, a, o, n=n: seen.append((n, a[0]))) for n, m in layers.items()]
-    try:
-        run_batches(qm, [batch], [None], device)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: list[list[str]] = []
-    last = None
-    for n, x in seen:
-        if any(n in g for g in groups):
-            continue
-        if groups and x is last:
-            groups[-1].append(n)
-        else:
-            groups.append([n])
-        last = x
-    return groups + [[n] for n in layers if not any(n in g for g in groups)]
-
-
-@torch.no_grad()
 def correct_bias(qm: QuantizedModel, batches: list[dict], progress: bool = True, device="cpu") -> dict:
     """Empirical bias correction of every Linear with an enabled weight quantizer of a calibrated ``qm``
     (see the module docstring), in place. ``batches``: the correction sequences (e.g. from
@@ -109,7 +85,7 @@ def correct_bias(qm: QuantizedModel, batches: list[dict], progress: bool = True,
     with quantizers_off(qm):
         fp_means = _input_means(qm, layers, batches, device=device)
     per_layer = {}
-    groups = _shared_input_groups(qm, layers, batches[0], device)
+    groups = shared_input_groups(qm, layers, batches[0], device)
     bar = tqdm(groups, desc="bias correction", disable=not progress, leave=False)
     for group in bar:
         # layers reading one tensor (Q/K/V) do not feed each other: one pass, stopped at the last of them

@@ -34,6 +34,7 @@ from .adaround_model import (
     _Stop,
     run_batches,
     run_on_sequences,
+    shared_input_groups,
     start_rounding,
     state_dir_for,
 )
@@ -66,55 +67,17 @@ class GPTQRun:
         return asdict(self)
 
 
-@torch.no_grad()
-def input_groups(qm: QuantizedModel, layers: dict[str, nn.Linear], batch: dict, device="cpu") -> list[list[str]]:
-    """The Linear layers of ``layers`` in the order a forward pass calls them, grouped where consecutive
-    layers read the very same input tensor (e.g. query/key/value)."""
-    order: list[tuple[str, int]] = []
-    keep: list[torch.Tensor] = []  # holds the inputs so that their ids stay unique during the pass
-    by_module = {id(m): n for n, m in layers.items()}
-    hooks = []
-    for m in layers.values():
-        def hook(mod, args, _by=by_module):
-            if not any(n == _by[id(mod)] for n, _ in order):
-                keep.append(args[0])
-                order.append((_by[id(mod)], id(args[0])))
-        hooks.append(m.register_forward_pre_hook(hook))
-    try:
-        run_batches(qm, [batch], [None], device)
-    finally:
-        for h in hooks:
-            h.remove()
-    missing = [n for n in layers if n not in {n for n, _ in order}]
-    if missing:
-        raise RuntimeError(f"GPTQ: {len(missing)} Linear layers were never called in a forward pass, e.g. {missing[0]}")
-    groups: list[list[str]] = []
-    last = None
-    for n, x in order:
-        if groups and x == last:
-            groups[-1].append(n)
-        else:
-            groups.append([n])
-        last = x
-    return groups
-
-
 def _block_of(model: nn.Module, layers: dict[str, nn.Linear]) -> dict[str, nn.Module | None]:
     """For each Linear, the encoder block it sits in: its outermost ancestor that is an element of an
     ``nn.ModuleList`` (``encoder.layer.3`` in BERT, ``transformer.layer.3`` in DistilBERT, ...); None for
     Linears outside such a list (pooler, classifier head)."""
-    path = {id(m): n for n, m in model.named_modules()}
-    lists = {n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)}
     mods = dict(model.named_modules())
+    path = {id(m): n for n, m in mods.items()}
     out = {}
     for name, lin in layers.items():
         parts = path[id(lin)].split(".")
-        block = None
-        for k in range(1, len(parts)):
-            if ".".join(parts[: k - 1]) in lists and k >= 2:
-                block = mods[".".join(parts[:k])]
-                break
-        out[name] = block
+        prefixes = [".".join(parts[:k]) for k in range(2, len(parts))]
+        out[name] = next((mods[p] for p in prefixes if isinstance(mods[p.rsplit(".", 1)[0]], nn.ModuleList)), None)
     return out
 
 
@@ -154,7 +117,7 @@ class _Hessians:
             x, mask = args[0], mask_box[0]
             r = None
             if self.cls_weight != 1.0 and x.ndim == 3 and mask is not None and mask.shape[:2] == x.shape[:2]:
-                w = mask.to(torch.float64).clone()
+                w = mask.to(torch.float64)  # a new tensor (another dtype)
                 w[:, 0] *= self.cls_weight
                 r = w[mask.bool()]
             hess.add(_rows(x, mask), r)
@@ -197,7 +160,7 @@ def gptq_model(
     layers, st, state_dir = start_rounding(qm, run, state_dir, "GPTQ", STATE_FILE)
     quantizers, names = qm.quantizers, list(layers)
     t0 = time.perf_counter()
-    groups = input_groups(qm, layers, batches[0], device)
+    groups = shared_input_groups(qm, layers, batches[0], device)
     blocks = _block_of(qm.model, layers)
     hessians = _Hessians(qm, batches, device, run.cls_weight)
     todo = [g for g in groups if any(n not in st["done"] for n in g)]

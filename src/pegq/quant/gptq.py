@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .adaround import _bounds, _inv
+from .adaround import _bounds, _clamp, _inv
 
 
 @dataclass
@@ -120,11 +120,8 @@ def gptq_offset(
     inv_s = _inv(s).to(w0.device)
     lo, hi = _bounds(_row_vector(zero, w0, "zero-point"), qmin, qmax)
 
-    def codes(v: torch.Tensor, inv: torch.Tensor, lo_, hi_) -> torch.Tensor:
-        q = torch.round(v * inv)
-        if isinstance(lo_, torch.Tensor):
-            return torch.minimum(torch.maximum(q, lo_), hi_)
-        return q.clamp(lo_, hi_)
+    def codes(v: torch.Tensor) -> torch.Tensor:
+        return _clamp(torch.round(v * inv_s), lo, hi)
 
     h = hessian.detach().to(device="cpu", dtype=torch.float64).clone()
     dead = torch.diagonal(h) == 0
@@ -137,8 +134,6 @@ def gptq_offset(
 
     w = w0[:, perm].clone()
     out = torch.zeros_like(w)
-    lo_c = lo if not isinstance(lo, torch.Tensor) else lo.to(w0.device)
-    hi_c = hi if not isinstance(hi, torch.Tensor) else hi.to(w0.device)
     for i1 in range(0, cols, cfg.block_size):
         i2 = min(i1 + cfg.block_size, cols)
         w1 = w[:, i1:i2].clone()
@@ -146,7 +141,7 @@ def gptq_offset(
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i : i + 1]
-            q = codes(col, inv_s, lo_c, hi_c)
+            q = codes(col)
             out[:, i1 + i : i1 + i + 1] = q
             e = (col - q * s) / h1[i, i]
             w1[:, i:] -= e @ h1[i : i + 1, i:]
@@ -158,7 +153,7 @@ def gptq_offset(
     if offset.abs().max() > torch.iinfo(torch.int16).max:
         raise ValueError("GPTQ: a weight lies more than 32767 grid steps outside the grid; its range is broken")
     offset = offset.to(torch.int16)  # AdaRound's offsets are 0/1 (uint8); GPTQ's can be negative or > 1
-    nearest = codes(w0, inv_s, lo_c, hi_c)
+    nearest = codes(w0)
     hd = hessian.detach().double()
     info = {
         "proxy_nearest": proxy_loss(w0, nearest * s, hd),
