@@ -27,6 +27,8 @@ ABLATIONS = {
     "nothing (the preset)": [],
     "FFN input": ["encoder.layer.*.attn.layernorm=off"],
     "Q/K/V input": ["encoder.layer.*.ffn.layernorm=off", "embeddings.layernorm=off"],
+    "FFN input and Q/K/V input (every LayerNorm output)": [
+        "encoder.layer.*.attn.layernorm=off", "encoder.layer.*.ffn.layernorm=off", "embeddings.layernorm=off"],
     "attention probabilities + context": ["*.attn.probs=off", "*.attn.context=off"],
     "Q/K/V outputs": ["*.attn.query=off", "*.attn.key=off", "*.attn.value=off"],
     "weights, at 16 bits instead": ["*.weight=w16"],

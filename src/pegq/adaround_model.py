@@ -207,6 +207,9 @@ def start_rounding(qm: QuantizedModel, run, state_dir, method: str, filename: st
         q = quantizers[n]
         if q.state != QuantState.FROZEN or (q.x_min is None and q.scale_param is None):
             raise ValueError(f"{n}: {method} needs calibrated, frozen weight quantizers; run calibrate first")
+        if q.smooth is not None:
+            raise ValueError(f"{n}: {method} does not support smoothed weights (an sq<alpha> activation "
+                             f"override); drop the sq override or the {method} option")
     names = list(layers)
     state_dir = Path(state_dir) if state_dir is not None else None
     st = _load_state(state_dir, run, names, filename)

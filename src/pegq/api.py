@@ -17,7 +17,7 @@ import torch
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .config import QuantConfig, resolve_config
+from .config import ConfigError, QuantConfig, resolve_config
 from .models import QuantizedModel, wrap
 from .quant import QuantState
 
@@ -42,6 +42,11 @@ def apply_config(qm: QuantizedModel, cfg: QuantConfig) -> dict:
     names = {n: (n in weights) for n in qm.quantizers}
     settings = cfg.resolve(names)
     for n, s in settings.items():
+        if s.smooth is not None and names[n] and s.bits is not None:
+            raise ConfigError(f"{n}: smoothing (sq{s.smooth:g}) applies to activations, not weights: put it on the "
+                              f"activation the Linear reads (its weight quantizer follows at calibration)")
+    for n, s in settings.items():
+        qm.quantizers[n].smooth_alpha = s.smooth if s.bits is not None else None
         qm.quantizers[n].configure(
             bits=s.bits,
             symmetric=s.symmetric,
@@ -74,6 +79,7 @@ def calibrate(
     calibration batches through the model with every quantizer ESTIMATING (weights see their tensor
     on the first batch), then freeze. Returns timing info."""
     from .peg import prepare_permutations
+    from .smooth import prepare_smoothing
 
     qm.eval()
     batches = list(batches)
@@ -85,6 +91,8 @@ def calibrate(
         q.reset()
     # range-based permutations for permuted PEG quantizers need one FP32 pass first
     perm_time = prepare_permutations(qm, batches, device=device)
+    # SmoothQuant-style scales (sq<alpha> activations and the weights of the Linears reading them)
+    smooth_time = prepare_smoothing(qm, batches, device=device)["smoothing_s"]
     for q in enabled.values():
         q.estimate()
     # Weight quantizers see their (static) tensor once, on the first batch; parametrize.cached()
@@ -100,7 +108,8 @@ def calibrate(
         )
     for q in enabled.values():
         q.freeze()
-    return {"calibration_s": time.perf_counter() - t0, "permutation_s": perm_time, "batches": len(batches)}
+    return {"calibration_s": time.perf_counter() - t0, "permutation_s": perm_time, "smoothing_s": smooth_time,
+            "batches": len(batches)}
 
 
 @torch.no_grad()

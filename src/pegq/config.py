@@ -27,6 +27,10 @@ TOKENs, case-insensitive:
                        largest-range dims and splits the rest evenly (not in the paper)
 ``minmax`` ``running`` ``mse``  range estimator (current min-max, running min-max, MSE)
 ``sym`` ``asym``       symmetric / asymmetric grid
+``sq<alpha>``          activations only, per-tensor: SmoothQuant-style smoothing with migration
+                       strength alpha in (0, 1] (``sq`` = ``sq0.5``; ``nosq`` removes it): per-dim
+                       scales moved into the weights of the Linears that read the tensor
+                       (:mod:`pegq.smooth`; not in the paper)
 ``optional``           no error when the pattern matches no quantizer (e.g. a head
                        that only some families have); by default that is an error
 =====================  ==========================================================
@@ -63,7 +67,9 @@ Presets (``pegq presets``; a preset name goes wherever a config path does):
 * int8 deployment on ONNX Runtime, not in the paper (section "int8 deployment" below): ``w8a8-gemm``
   (activations quantized only where a matmul consumes them), ``peg-gemm`` (+ PEG on the FFN input) and
   ``peg-outlier-gemm`` (+ per-channel encoder weights, per-embedding-dim embedding tables and a 16-dim
-  outlier group, ``peg2po16``, on the FFN input and the FFN hidden activation).
+  outlier group, ``peg2po16``, on the FFN input and the FFN hidden activation), ``sq-gemm`` (as
+  ``peg-outlier-gemm``, but every LayerNorm output a matmul reads -- Q/K/V input and FFN input -- per-tensor
+  with smoothing, ``sq0.8``, instead of PEG).
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ class QuantizerSettings:
     outliers: int = 0  # PEG: size of a small last group (the largest-range dims); 0 = even groups
     estimator: str = "current_minmax"
     momentum: float = 0.9
+    smooth: float | None = None  # activations: SmoothQuant migration strength alpha in (0, 1] (pegq.smooth)
 
     def __post_init__(self):
         if self.bits is not None and (
@@ -122,6 +129,14 @@ class QuantizerSettings:
             raise ConfigError(str(e)) from None
         if self.granularity == "peg" and self.groups < 1:
             raise ConfigError(f"PEG needs groups >= 1, got {self.groups}")
+        if self.smooth is not None:
+            if isinstance(self.smooth, bool) or not isinstance(self.smooth, int | float) \
+                    or not 0 < self.smooth <= 1:
+                raise ConfigError(f"smooth={self.smooth!r} is not allowed; use a migration strength in (0, 1], "
+                                  f"e.g. sq0.8, or null (no smoothing)")
+            if self.granularity != "tensor":
+                raise ConfigError(f"smoothing (sq{self.smooth}) needs a per-tensor quantizer, not "
+                                  f"{self.granularity}: it exists to keep one scale per tensor")
         if self.granularity == "peg" and self.outliers and (self.outliers < 0 or self.groups < 2):
             raise ConfigError(
                 f"a PEG outlier group (outliers={self.outliers}) needs outliers > 0 and groups >= 2, got "
@@ -143,7 +158,8 @@ class QuantizerSettings:
         g = {"tensor": "tensor", "channel": f"channel{self.axis}", "embedding": "emb"}.get(
             self.granularity, _peg_token(self.groups, self.permute, self.outliers)
         )
-        return f"{self.bits}b,{'sym' if self.symmetric else 'asym'},{g},{self.estimator}"
+        sq = f",sq{self.smooth:g}" if self.smooth is not None else ""
+        return f"{self.bits}b,{'sym' if self.symmetric else 'asym'},{g}{sq},{self.estimator}"
 
 
 @dataclass
@@ -159,6 +175,7 @@ class Override:
     permute: bool | None = None
     outliers: int | None = None
     estimator: str | None = None
+    smooth: float | None | str = "keep"  # "keep" = unchanged; None = no smoothing; else alpha
     optional: bool = False  # a preset's pattern that may match nothing on some families (no error)
 
     def apply(self, s: QuantizerSettings) -> QuantizerSettings:
@@ -169,6 +186,10 @@ class Override:
             v = getattr(self, f)
             if v is not None:
                 changes[f] = v
+        if self.smooth != "keep":
+            changes["smooth"] = self.smooth
+        elif changes.get("granularity", "tensor") != "tensor" or changes.get("bits", 8) is None:
+            changes["smooth"] = None  # a new granularity (or off) ends an inherited smoothing
         return dataclasses.replace(s, **changes)
 
     def matches(self, name: str) -> bool:
@@ -191,6 +212,8 @@ class Override:
                 self.estimator, self.estimator))
         if self.symmetric is not None:
             toks.append("sym" if self.symmetric else "asym")
+        if self.smooth != "keep":
+            toks.append("nosq" if self.smooth is None else f"sq{self.smooth:g}")
         if self.optional:
             toks.append("optional")
         return f"{self.pattern}={','.join(toks)}"
@@ -204,6 +227,7 @@ def _peg_token(groups: int, permute: bool, outliers: int) -> str:
     """``peg<K>[p][o<M>]``: K groups, range-based permutation, a last group of M outlier dims."""
     return f"peg{groups}{'p' if permute else ''}{f'o{outliers}' if outliers else ''}"
 _CHANNEL_RE = re.compile(r"^channel(\d*)$")
+_SQ_RE = re.compile(r"^sq(\d*\.?\d*)$")
 
 
 def parse_override(text: str) -> Override:
@@ -250,13 +274,24 @@ def parse_override(text: str) -> Override:
             o.symmetric = False
         elif t == "optional":
             o.optional = True
+        elif t == "nosq":
+            o.smooth = None
+        elif m := _SQ_RE.match(t):
+            try:
+                a = float(m.group(1)) if m.group(1) else 0.5
+            except ValueError:
+                a = -1.0
+            if not 0 < a <= 1:
+                raise ConfigError(f"override {text!r}: {t!r} needs a migration strength in (0, 1], e.g. sq0.8")
+            o.smooth = a
         else:
             try:
                 o.estimator = canonical_estimator(t)
             except ValueError:
                 raise ConfigError(
                     f"override {text!r}: unknown token {t!r}; allowed: off, a<bits>/w<bits>, tensor, "
-                    f"channel[AXIS], emb, peg<K>[p][o<M>], minmax, running, mse, sym, asym, optional"
+                    f"channel[AXIS], emb, peg<K>[p][o<M>], sq<alpha>, nosq, minmax, running, mse, sym, asym, "
+                    f"optional"
                 ) from None
     return o
 
@@ -427,6 +462,7 @@ PRESETS: dict[str, Any] = {
 FFN_INPUT = "encoder.layer.*.attn.layernorm"
 FFN_OUTPUT = "encoder.layer.*.ffn.output"
 FFN_RESIDUAL_SUM = "encoder.layer.*.ffn.residual_sum"
+QKV_INPUT = "encoder.layer.*.ffn.layernorm"  # a layer's output: the next layer's Q/K/V input (and residual)
 FFN_HIDDEN = "encoder.layer.*intermediate"  # the second FFN Linear's input (MobileBERT: every stacked FFN's too)
 FFN_TENSORS = (FFN_INPUT, FFN_OUTPUT, FFN_RESIDUAL_SUM)
 # "final output" (Table 4, double dagger): the head's activations -- the pooler (BERT) or the dense layer
@@ -551,6 +587,11 @@ NOT_MATMUL_INPUTS = (
     "classifier.output=off,optional",  # logits
 )
 
+# The input of a classifier's last Linear (hidden -> labels): a [batch, d] x [d, labels] matmul, nothing next to
+# the encoder's, but its 8-bit input is a visible part of the logit error (MPNet head-only fine-tune: dev-logit
+# cosine 0.9959 -> 0.9968 with it in float)
+HEAD_INPUT_FLOAT = ("pooler=off,optional", "classifier.dense=off,optional")
+
 _DEPLOY: dict[str, tuple[str, list[str]]] = {
     "w8a8-gemm": ("int8 deployment (not in the paper): 8-bit per-tensor activations only where a matmul "
                   "consumes them (ONNX Runtime runs the rest in float anyway), 8-bit per-tensor weights with "
@@ -566,6 +607,16 @@ _DEPLOY: dict[str, tuple[str, list[str]]] = {
                          "input); exported as 2-way split int8 matmuls",
                          [f"{FFN_INPUT}=peg2po16", f"{FFN_HIDDEN}=peg2po16", "encoder.layer.*.weight=channel",
                           "embeddings.*.weight=channel1,optional"]),
+    "sq-gemm": ("int8 deployment (not in the paper): as peg-outlier-gemm, but the LayerNorm outputs that matmuls "
+                "read (the Q/K/V input and the FFN input) are per-tensor with SmoothQuant-style smoothing "
+                "(sq0.8: per-dim scales s = max|x|^0.8 / max|W|^0.2 moved into the input columns of the Linears "
+                "reading them; pegq.smooth) instead of PEG; the FFN hidden activation keeps its 16-dim outlier "
+                "group (peg2po16); the classifier's last Linear (hidden -> labels, one vector per sequence) reads "
+                "its input in float; exported as one int8 matmul per encoder Linear (two for the second FFN "
+                "Linear)",
+                [f"{FFN_INPUT}=tensor,sq0.8", f"{QKV_INPUT}=sq0.8,optional", "embeddings.layernorm=sq0.8,optional",
+                 f"{FFN_HIDDEN}=peg2po16", "encoder.layer.*.weight=channel", "embeddings.*.weight=channel1,optional",
+                 *HEAD_INPUT_FLOAT]),
 }
 
 

@@ -332,3 +332,51 @@ def test_gptq_rounded_weights_export_and_pack(family, tmp_path, one_thread):
     loaded, _ = load_packed(tmp_path / "p")
     with torch.no_grad():
         assert torch.equal(qm(**batch).logits, loaded(**batch).logits)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
+def test_smoothed_layernorm_outputs_export_on_every_family(family, tmp_path, one_thread):
+    """``sq-gemm``: every smoothed LayerNorm output is one per-axis QuantizeLinear whose codes feed the matmuls of
+    the Linears reading it through a per-tensor DequantizeLinear (the column scales cancel against the weights
+    W diag(s)), and a per-axis DequantizeLinear feeds the float residual sum. ORT matches per tensor."""
+    import onnx
+    from models_helpers import pad_id_of, padded_batch, tiny_model
+
+    m = tiny_model(family, True)
+    qm = pegq.quantize(m, "sq-gemm", overrides=["encoder.layer.*intermediate=peg2po4"])  # d_ff of tiny: 37
+    pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
+    smoothed_w = [n for n, q in qm.weight_quantizers().items() if q.smooth is not None]
+    assert smoothed_w, "no Linear weight was smoothed"
+    info = export_onnx(qm, tmp_path / f"{family}.onnx", weight_dtype="uint8")
+    assert info["folds"]["smooth"] == len(smoothed_w) and info["folds"]["smooth_left"] == 0
+    graph = onnx.load(info["path"]).graph
+    assert not [n for n in graph.node if n.name.endswith("/SmoothMul")]
+    batch = padded_batch(pad_id_of(m), seed=2)
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert par["max_steps"] <= 1, par["tensors"]
+    assert par["forced_output_max_abs_diff"] <= 1e-5
+
+
+def test_minilm_sq_gemm_runs_every_linear_on_int8_kernels(minilm, tmp_path):
+    """The real MiniLM with ``sq-gemm``: Q/K/V and the first FFN Linear read smoothed per-tensor codes; per
+    layer 9 int8 matmuls (Q, K, V, attention output, FFN input, FFN hidden bulk + outliers, the two attention
+    matmuls), one fewer than ``peg-outlier-gemm``; per-tensor parity on uint8 weights."""
+    import copy
+
+    model, tok = minilm
+    calib = ["a gorgeous, witty, seductive movie.", "the story is predictable and the characters are thin.",
+             "it's a charming and often affecting journey.", "unfunny and lame."]
+    qm = pegq.quantize(copy.deepcopy(model), "sq-gemm")
+    pegq.calibrate(qm, [dict(tok(calib, padding=True, return_tensors="pt"))], progress=False)
+    exact = export_onnx(qm, tmp_path / "sq-gemm-u8.onnx", weight_dtype="uint8")
+    assert exact["folds"]["smooth"] == 6 * 4 and exact["folds"]["smooth_left"] == 0
+    assert kernel_report(exact["path"])["int8_kernels"] == 6 * 9
+    batch = dict(tok(["dull", "an utterly charming and hilarious film"], padding=True, return_tensors="pt"))
+    par = per_tensor_parity(prepare(qm), exact["path"], batch)
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert par["tensors"]["encoder.layer.2.attn.layernorm"]["max_steps"] <= 1
+    assert all(r["frac_diff"] <= 0.01 for r in par["tensors"].values()), par["tensors"]
+    assert par["forced_output_max_abs_diff"] <= 1e-4
+    meta = metadata(exact["path"])["pegq.quantizers"]
+    assert meta["encoder.layer.2.attn.layernorm"]["smoothed"] and meta["encoder.layer.3.attn.query.weight"]["smoothed"]

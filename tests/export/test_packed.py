@@ -111,3 +111,22 @@ def test_refuses_bad_inputs(tmp_path, one_thread):
         load_packed(tmp_path / "c")
     with pytest.raises(PackedError, match="not a folder"):
         load_packed(tmp_path / "c" / "x.txt")
+
+
+def test_smoothed_weights_round_trip_is_identical(tmp_path, one_thread):
+    """Smoothed weights are stored as the codes of W diag(s) and loaded back divided by s: same outputs."""
+    from models_helpers import pad_id_of, padded_batch, tiny_model
+
+    m = tiny_model("bert", True)
+    qm = pegq.quantize(m, "sq-gemm", overrides=["encoder.layer.*intermediate=peg2po4"])
+    pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
+    assert qm.quantizers["encoder.layer.1.attn.key.weight"].smooth is not None
+    save_packed(qm, tmp_path / "p")
+    loaded, _ = load_packed(tmp_path / "p")
+    batch = padded_batch(pad_id_of(m), seed=2)
+    with torch.no_grad():
+        assert torch.equal(main_output(qm(**batch)), main_output(loaded(**batch)))
+    for n, q in qm.quantizers.items():
+        if q.smooth is not None:
+            assert torch.equal(loaded.quantizers[n].smooth, q.smooth), n
+            assert loaded.quantizers[n].smooth_alpha == q.smooth_alpha, n

@@ -152,6 +152,8 @@ def weight_codes(q: Quantizer, w: torch.Tensor) -> np.ndarray:
     ``round(q(w) / s) + z`` -- round-to-nearest, or AdaRound's decisions where the quantizer has them."""
     with torch.no_grad():
         wq = q(w.detach()).float()
+        if q.smooth is not None:  # q(w) = Q(w * m) / m: the integers are those of Q(w * m)
+            wq = wq * q.smooth.to(wq.device)
         s, z = q.qparams()
         s = s.detach().float()
         z = torch.zeros_like(s) if q.symmetric else z.detach().float().round()
@@ -423,23 +425,42 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
                 _int_tensor(z.reshape(scale_shape).astype(np_dtype), z_name, dtype),
             ]
             kw = {"axis": axis} if axis is not None else {}
-            new_nodes.append(helper.make_node("DequantizeLinear", [w_name, s_name, z_name], [node.output[0]],
+            dq_out = node.output[0] if q.smooth is None else f"{tag}.dq"
+            new_nodes.append(helper.make_node("DequantizeLinear", [w_name, s_name, z_name], [dq_out],
                                               name=f"{tag}/DequantizeLinear", **kw))
+            if q.smooth is not None:  # W = DQ(int W') / s along the input columns; _fold_smooth removes it
+                inv_name = f"{tag}.smooth_inv"
+                new_inits.append(helper.make_tensor(inv_name, 1, [q.smooth.numel()],
+                                                    (1.0 / q.smooth.double()).float().tolist()))
+                new_nodes.append(helper.make_node("Mul", [dq_out, inv_name], [node.output[0]],
+                                                  name=f"{tag}/SmoothMul"))
             fp32_dropped.add(src)
             info[tag] = {"kind": "weight", "bits": q.bits, "dtype": _dtype_name(dtype), "tensor": w_name,
-                         "shape": list(codes.shape), "axis": axis}
+                         "shape": list(codes.shape), "axis": axis, "smoothed": q.smooth is not None}
         else:
             s_name, z_name, q_out = f"{tag}.scale", f"{tag}.zero_point", f"{tag}.q"
             new_inits += [
                 helper.make_tensor(s_name, 1, [], [float(s[0])]),
                 _int_tensor(np.array(z[0], dtype=np_dtype), z_name, dtype),
             ]
-            new_nodes.append(helper.make_node("QuantizeLinear", [node.input[0], s_name, z_name], [q_out],
-                                              name=f"{tag}/QuantizeLinear"))
-            new_nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [node.output[0]],
-                                              name=f"{tag}/DequantizeLinear"))
+            qs_name, qz_name, kw = s_name, z_name, {}
+            if q.smooth is not None:
+                # per-axis QuantizeLinear with scales step * s_j (q(x * m) with m = 1/s, one zero-point): the
+                # codes of x / s; its DequantizeLinear gives s * q(x / s) to float consumers, and a per-tensor
+                # one (added by _fold_smooth) gives q(x / s) to the matmuls whose weights carry diag(s)
+                d = q.smooth.numel()
+                qs_name, qz_name, kw = f"{tag}.smooth_scale", f"{tag}.smooth_zero_point", {"axis": -1}
+                new_inits += [
+                    helper.make_tensor(qs_name, 1, [d], (float(s[0]) / q.smooth.double()).float().tolist()),
+                    _int_tensor(np.full([d], z[0], dtype=np_dtype), qz_name, dtype),
+                ]
+            new_nodes.append(helper.make_node("QuantizeLinear", [node.input[0], qs_name, qz_name], [q_out],
+                                              name=f"{tag}/QuantizeLinear", **kw))
+            new_nodes.append(helper.make_node("DequantizeLinear", [q_out, qs_name, qz_name], [node.output[0]],
+                                              name=f"{tag}/DequantizeLinear", **kw))
             info[tag] = {"kind": "activation", "bits": q.bits, "dtype": _dtype_name(dtype), "tensor": q_out,
-                         "scale": float(s[0]), "zero_point": int(z[0]), "symmetric": q.symmetric}
+                         "scale": float(s[0]), "zero_point": int(z[0]), "symmetric": q.symmetric,
+                         "smoothed": q.smooth is not None}
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(new_inits)
@@ -496,6 +517,87 @@ def _fold_weight_transpose(g: _Graph, transposed: set[str]) -> int:
         g.refresh()
         n_done += 1
     return n_done
+
+
+def _fold_smooth(g: _Graph) -> tuple[int, int]:
+    """Smoothed pairs (:mod:`pegq.smooth`): ``MatMul(DQ_axis(codes of x/s), Transpose?(Mul(DQ(int W'), 1/s)))``
+    becomes ``MatMul(DQ(codes, step, zero-point), Transpose?(DQ(int W')))``: the per-dim scales cancel, so
+    both matmul inputs are per-tensor / per-channel integers ORT fuses into its int8 kernels. Returns
+    ``(folded, left)``; a smoothed weight whose matmul does not read a matching smoothed activation is
+    left as is (correct, but a float matmul)."""
+    from onnx import helper
+
+    folded, left = 0, 0
+    tensor_dq: dict[str, str] = {}  # activation QuantizeLinear output -> its per-tensor DequantizeLinear
+    for mul in [n for n in g.g.node if n.op_type == "Mul" and n.name.endswith("/SmoothMul")]:
+        inv = g.array(mul.input[1])
+        path = [mul]
+        cur = mul
+        cons = g.consumers.get(cur.output[0], [])
+        if len(cons) == 1 and cons[0].op_type == "Transpose":
+            cur = cons[0]
+            path.append(cur)
+            cons = g.consumers.get(cur.output[0], [])
+        ok = bool(cons) and all(c.op_type == "MatMul" and c.input[1] == cur.output[0] for c in cons)
+        acts = []
+        for mm in cons if ok else []:
+            dq = g.producer.get(mm.input[0])
+            qn = g.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if qn is None or qn.op_type != "QuantizeLinear" or _attr(dq, "axis") is None:
+                ok = False
+                break
+            step = g.array(dq.input[1])
+            zp = g.array(dq.input[2])
+            if step is None or zp is None or step.ndim != 1 or inv is None or step.shape != inv.shape:
+                ok = False
+                break
+            ratio = step * inv  # per-axis scale step*s times 1/s: one number if the pair matches
+            if not np.allclose(ratio, ratio[0], rtol=1e-5, atol=0) or not (zp == zp[0]).all():
+                ok = False
+                break
+            acts.append((mm, dq, float(ratio.mean()), zp))
+        if not ok:
+            left += 1
+            continue
+        for mm, dq, step, zp in acts:
+            key = dq.input[0]
+            if key not in tensor_dq:
+                base = dq.name.rsplit("/", 1)[0]
+                s_name, z_name, out = f"{base}.tensor_scale", f"{base}.tensor_zero_point", f"{base}.dq_tensor"
+                g.g.initializer.extend([
+                    helper.make_tensor(s_name, 1, [], [step]),
+                    _int_tensor(np.array(zp[0], dtype=zp.dtype), z_name, g.inits[dq.input[2]].data_type),
+                ])
+                g.g.node.append(helper.make_node("DequantizeLinear", [key, s_name, z_name], [out],
+                                                 name=f"{base}/DequantizeLinearTensor"))
+                tensor_dq[key] = out
+            mm.input[0] = tensor_dq[key]
+        _set_input(g, mul.output[0], mul.input[0])
+        g.g.node.remove(mul)
+        g.refresh()
+        folded += 1
+    if folded:
+        _toposort(g.g)
+    return folded, left
+
+
+def _toposort(graph) -> None:
+    """Order ``graph.node`` topologically (nodes appended by the folds go after their inputs' producers)."""
+    produced = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+    nodes, out = list(graph.node), []
+    while nodes:
+        rest = []
+        for n in nodes:
+            if all(i in produced for i in n.input):
+                out.append(n)
+                produced.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(nodes):
+            raise ExportError("internal: the graph has a cycle after folding")
+        nodes = rest
+    del graph.node[:]
+    graph.node.extend(out)
 
 
 _MOVES = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Expand", "Tile", "Gather")
@@ -715,7 +817,10 @@ def lower(model, qm: QuantizedModel, weight_dtype: str = "int8") -> tuple[Any, d
     model.ir_version = IR_VERSION
     g = _Graph(model.graph)
     transposed: set[str] = set()
-    folds = {"transpose": _fold_weight_transpose(g, transposed), "gather": _fold_gather(g)}
+    folds = {}
+    folds["smooth"], folds["smooth_left"] = _fold_smooth(g)
+    g = _Graph(model.graph)
+    folds.update(transpose=_fold_weight_transpose(g, transposed), gather=_fold_gather(g))
     for v in info.values():
         if v["kind"] == "weight":
             v["transposed"] = v["tensor"] in transposed
@@ -887,7 +992,8 @@ class _Forced:
         s, z = q.qparams()
         s = s.reshape(())
         z = torch.zeros_like(s) if q.symmetric else z.reshape(())
-        want = quantize_to_int(x, s, z, q.qmin, q.qmax)
+        m = q.smooth.to(x.device, x.dtype) if q.smooth is not None else None  # smoothed: codes of x * m
+        want = quantize_to_int(x if m is None else x * m, s, z, q.qmin, q.qmax)
         have = torch.from_numpy(self.codes.astype(np.int64))
         if tuple(have.shape) != tuple(want.shape):
             raise ExportError(f"{q.name}: ORT tensor {tuple(have.shape)} vs model {tuple(want.shape)}")
@@ -897,7 +1003,8 @@ class _Forced:
             "frac_diff": float((diff > 0).float().mean()) if diff.numel() else 0.0,
             "elements": int(diff.numel()),
         }
-        return dequantize(have, s, z).to(x.dtype)
+        out = dequantize(have, s, z).to(x.dtype)
+        return out if m is None else out / m
 
 
 @torch.no_grad()

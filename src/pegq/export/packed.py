@@ -15,9 +15,10 @@ A packed checkpoint is a folder::
   one byte for 5-8 bits, two bytes for 9-16 bits; ``<key>.scale`` (float32) and ``<key>.zero_point``
   (int32), one per parameter pair (1 for per-tensor, one per channel);
 * every other parameter and buffer of the model at its own dtype (biases, LayerNorm, FP32 weights);
-* ``pegq.<quantizer name>.<x_min|x_max|perm|scale_param|zero_param>`` -- the frozen state of every
-  quantizer (ranges, PEG permutations, learned QAT parameters), so that the loaded quantizers have the
-  very same scales and zero-points.
+* ``pegq.<quantizer name>.<x_min|x_max|perm|scale_param|zero_param|smooth>`` -- the frozen state of
+  every quantizer (ranges, PEG permutations, learned QAT parameters, smoothing scales), so that the
+  loaded quantizers have the very same scales and zero-points. A smoothed weight (:mod:`pegq.smooth`)
+  is stored as the codes of ``W diag(s)`` and loaded as their dequantized values divided by ``s``.
 
 Loading (:func:`load_packed`) builds the model from ``config.json``, sets every quantized weight to its
 dequantized value ``s * (q - z)`` (which lies exactly on the grid, so the quantizer maps it back to the
@@ -43,7 +44,7 @@ from ..quant import QuantState
 FORMAT = "pegq-packed-v1"
 META = "pegq_packed.json"
 WEIGHTS = "model.safetensors"
-_STATE = ("x_min", "x_max", "perm", "scale_param", "zero_param")
+_STATE = ("x_min", "x_max", "perm", "scale_param", "zero_param", "smooth")
 
 
 class PackedError(ValueError):
@@ -291,7 +292,11 @@ def load_packed(path: str | Path, with_tokenizer: bool = True):
             shape = [1] * codes.ndim
             shape[ax] = -1
             s, z = s.reshape(shape), z.reshape(shape)
-        state[key] = ((codes - z) * s).to(getattr(torch, w["dtype"].replace("torch.", "")))
+        wv = (codes - z) * s
+        smooth = sd.get(f"pegq.{w['quantizer']}.smooth")
+        if smooth is not None:  # codes of W diag(s): the weight is their value divided by s (its columns)
+            wv = wv / smooth.float()
+        state[key] = wv.to(getattr(torch, w["dtype"].replace("torch.", "")))
     packed_keys = {f"{k}.{suffix}" for k in meta["weights"] for suffix in ("packed", "scale", "zero_point")}
     state.update({k: v for k, v in sd.items() if not k.startswith("pegq.") and k not in packed_keys})
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -309,7 +314,10 @@ def load_packed(path: str | Path, with_tokenizer: bool = True):
         q.configure(bits=spec["bits"], symmetric=spec["symmetric"],
                     granularity=granularity_from_dict(spec["granularity"]),
                     estimator=spec["estimator"], momentum=spec.get("momentum", 0.9))
+        q.smooth_alpha = spec.get("smooth")
         if q.enabled:
+            if f"pegq.{n}.smooth" in sd:
+                q.set_smooth(sd[f"pegq.{n}.smooth"])
             if f"pegq.{n}.perm" in sd:
                 q.set_permutation(sd[f"pegq.{n}.perm"])
             for attr in ("x_min", "x_max"):

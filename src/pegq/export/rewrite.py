@@ -352,12 +352,18 @@ def peg_plan(qm: QuantizedModel) -> dict[str, dict]:
             hidden[lay["block"] + ".intermediate"] = lay
     plan: dict[str, dict] = {}
     outlier_plan: dict[str, dict] = {}
+    peg_blocks = {ffn_roles[n][0] for n, q in qm.quantizers.items() if n in ffn_roles and is_peg(q)}
+    split_weights = {lay[w] for b, lay in layouts.items() if b in peg_blocks for w in ("w1", "w2")}
+    split_weights |= {lay["w2"] for n, lay in hidden.items() if n in qm._qdict and is_peg(qm._qdict[n])}
     for n, q in qm.quantizers.items():
         if not q.enabled:
             continue
         _check_frozen(q)
         g = q.granularity
         if qm.kind(n) == "weight":
+            if q.smooth is not None and n in split_weights:
+                raise RewriteError(f"{n}: smoothed weights (an sq<alpha> FFN input) cannot be split by the PEG "
+                                   f"rewrite; use PEG or smoothing on this FFN block, not both")
             if not isinstance(g, PerTensor | PerChannel):
                 raise RewriteError(
                     f"{n}: {g.describe()} weights have no per-tensor form; use per-tensor or per-channel weights"

@@ -19,6 +19,13 @@ parameters, keeps the range to continue from); ``freeze()`` -> FROZEN (needs a r
 parameters); ``learn_ranges()`` -> LEARNING (needs a range). ``bits=None`` (or ``"off"``) means
 "off": the quantizer passes its input through untouched in every state.
 
+Smoothing (SmoothQuant, Xiao et al. 2022; not in the paper): ``smooth`` is an optional vector ``m`` along
+the tensor's last axis; the quantizer then returns ``q(x * m) / m`` (ranges estimated on ``x * m``). An
+activation read by Linear layers gets ``m = 1/s`` and those Linears' weight quantizers ``m = s`` (their
+input columns), so the integer matmul sees the per-tensor codes of ``x / s`` and of ``W diag(s)``:
+per-dim activation ranges moved into the weights. :mod:`pegq.smooth` picks ``s`` at calibration;
+``set_smooth`` sets it (a new ``m`` resets the range).
+
 Bad input raises ``ValueError`` naming the quantizer, the offending value and what is allowed:
 bit-widths outside 2..16, PEG ``K`` not dividing ``d``, a permutation that is not one, empty or
 non-finite tensors during range estimation, a tensor whose layout does not match the estimated
@@ -115,6 +122,8 @@ class Quantizer(nn.Module):
         # uint8 0/1; GPTQ: int16), shaped like the weight
         # used instead of round-to-nearest when set; dropped by reset()/estimate()
         self.register_buffer("round_offset", None)
+        self.register_buffer("smooth", None)  # per-last-axis prescale m: q(x * m) / m (see the module docstring)
+        self.smooth_alpha: float | None = None  # activations: SmoothQuant migration strength (pegq.smooth)
         self.register_parameter("scale_param", None)
         self.register_parameter("zero_param", None)
         self._qcache = None
@@ -193,6 +202,25 @@ class Quantizer(nn.Module):
         self.perm = p
         self.group_index = group_index_from_perm(p, self.granularity.groups, self.granularity.sizes(d))
         if changed and (self.x_min is not None or self.scale_param is not None):
+            self.reset()
+
+    def set_smooth(self, m: torch.Tensor | None) -> None:
+        """Set (or clear, ``None``) the prescale ``m`` along the last axis: the quantizer then returns
+        ``q(x * m) / m``. A different ``m`` resets the range (back to ESTIMATING)."""
+        if m is None:
+            changed = self.smooth is not None
+            self.smooth = None
+        else:
+            m = torch.as_tensor(m).detach()
+            if m.ndim != 1 or m.numel() == 0 or not m.is_floating_point():
+                raise ValueError(f"{self.name}: the smoothing scale must be a non-empty 1-D float tensor, got "
+                                 f"dtype {m.dtype} and shape {tuple(m.shape)}")
+            if not bool(torch.isfinite(m).all()) or bool((m <= 0).any()):
+                raise ValueError(f"{self.name}: the smoothing scale must be finite and > 0 everywhere")
+            m = m.to(torch.float32)
+            changed = self.smooth is None or not torch.equal(self.smooth.to(m.device), m)
+            self.smooth = m
+        if changed:
             self.reset()
 
     def reset(self) -> None:
@@ -279,6 +307,11 @@ class Quantizer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_layout(self, x: torch.Tensor) -> None:
+        if self.smooth is not None and (x.ndim == 0 or x.shape[-1] != self.smooth.numel()):
+            raise ValueError(
+                f"{self.name}: the smoothing scale has {self.smooth.numel()} entries but the tensor has shape "
+                f"{tuple(x.shape)}; it applies along the last axis (re-calibrate for a new model)"
+            )
         g = self.granularity
         g.check(x.shape, self.name)
         if self.perm is not None and self.perm.numel() != x.shape[-1]:
@@ -326,6 +359,14 @@ class Quantizer(nn.Module):
             return x
         if x.ndim == 0:
             return self.forward(x.reshape(1)).reshape(())
+        m = self.smooth
+        if m is not None:
+            self._check_layout(x)
+            m = m.to(device=x.device, dtype=x.dtype)
+            return self._fake_quant(x * m) / m
+        return self._fake_quant(x)
+
+    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.state == QuantState.ESTIMATING:
             self.observe(x)
         elif x.numel() == 0:
@@ -362,7 +403,7 @@ class Quantizer(nn.Module):
     ):
         # Ranges, permutation and learned parameters start as None (not in the state_dict); make
         # room for them so that a saved quantizer can be loaded into a fresh one.
-        for name in ("x_min", "x_max", "perm", "group_index", "round_offset"):
+        for name in ("x_min", "x_max", "perm", "group_index", "round_offset", "smooth"):
             v = state_dict.get(prefix + name)
             if v is not None and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(v))
@@ -384,14 +425,16 @@ class Quantizer(nn.Module):
             "granularity": self.granularity.to_dict(),
             "estimator": self.estimator.kind,
             "momentum": self.estimator.momentum,
+            **({"smooth": self.smooth_alpha} if self.smooth_alpha is not None else {}),
         }
 
     def extra_repr(self) -> str:
         if not self.enabled:
             return f"{self.name}: off"
+        sq = " smoothed" if self.smooth is not None else ""
         return (
             f"{self.name}: {self.bits}b {'sym' if self.symmetric else 'asym'} "
-            f"{self.granularity.describe()} {self.estimator.kind} {self.state.value}"
+            f"{self.granularity.describe()}{sq} {self.estimator.kind} {self.state.value}"
         )
 
     def bits_per_element(self) -> float:
