@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     checks = {}
     sk = shape_keys[-1]
     static, bf = results.get("ORT static int8"), results.get("PyTorch bf16")
-    for row in [k for k in results if k.lower().startswith("pegq peg") and " (ORT" in k]:
+    for row in [k for k in results if k.startswith("pegq ") and " (ORT" in k]:
         peg = results[row]
         if not (static and bf and sk in peg["latency_ms"]):
             continue
@@ -359,9 +359,10 @@ def main(argv=None) -> int:
         checks[row] = c
         console.print(
             f"{row} targets at {sk}: /static = {c['over_static']:.2f} (<= 1.10), /bf16 = "
-            f"{c['over_bf16']:.2f} (< 1), cosine {c['cosine']:.4f} (>= 0.999)"
+            f"{c['over_bf16']:.2f} (< 1), cosine "
+            + (f"{c['cosine']:.4f}" if c["cosine"] is not None else "n/a (--no-eval)") + " (>= 0.999)"
             + (f", accuracy drop {c['accuracy_drop']:.2f} (<= 0.5)" if "accuracy_drop" in c else
-               ", accuracy n/a (no fine-tuned checkpoint)")
+               (", accuracy n/a (--no-eval)" if args.no_eval else ", accuracy n/a (no fine-tuned checkpoint)"))
         )
     out = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),

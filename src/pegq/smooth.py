@@ -14,8 +14,8 @@ With migration strength ``alpha`` (override token ``sq<alpha>``), as in SmoothQu
 
 For the encoders here the targets are the LayerNorm outputs that feed Q/K/V and the first FFN Linear:
 in a post-LN encoder they also feed the residual sum, so the LayerNorm cannot absorb ``1/s`` as in
-SmoothQuant's pre-LN models; the quantizer does it instead (one per-axis ``QuantizeLinear`` in the ONNX
-export, :mod:`pegq.export.onnx`).
+SmoothQuant's pre-LN models; the quantizer does it instead (in the ONNX export, :mod:`pegq.export.onnx`,
+one elementwise ``Mul`` before a per-tensor ``QuantizeLinear`` and a ``Div`` for the residual).
 
 The Linears reading an activation are found by tensor identity in one forward pass with every quantizer
 off (a Linear whose input *is* the tensor the quantizer point receives). A smoothed activation that no

@@ -336,9 +336,9 @@ def test_gptq_rounded_weights_export_and_pack(family, tmp_path, one_thread):
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
 def test_smoothed_layernorm_outputs_export_on_every_family(family, tmp_path, one_thread):
-    """``sq-gemm``: every smoothed LayerNorm output is one per-axis QuantizeLinear whose codes feed the matmuls of
-    the Linears reading it through a per-tensor DequantizeLinear (the column scales cancel against the weights
-    W diag(s)), and a per-axis DequantizeLinear feeds the float residual sum. ORT matches per tensor."""
+    """``sq-gemm``: every smoothed LayerNorm output is ``Mul(1/s)`` + one per-tensor QuantizeLinear whose codes
+    feed the matmuls of the Linears reading it through a per-tensor DequantizeLinear (the column scales cancel
+    against the weights W diag(s)); the float residual sum reads ``Div(1/s)`` of it. ORT matches per tensor."""
     import onnx
     from models_helpers import pad_id_of, padded_batch, tiny_model
 
@@ -351,6 +351,11 @@ def test_smoothed_layernorm_outputs_export_on_every_family(family, tmp_path, one
     assert info["folds"]["smooth"] == len(smoothed_w) and info["folds"]["smooth_left"] == 0
     graph = onnx.load(info["path"]).graph
     assert not [n for n in graph.node if n.name.endswith("/SmoothMul")]
+    # every int8 matmul input is a per-tensor DequantizeLinear, never the Div that restores the scale
+    by_out = {o: n for n in graph.node for o in n.output}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[0] in by_out
+                and by_out[n.input[0]].name.endswith("/SmoothOut") and n.input[1] in by_out
+                and by_out[n.input[1]].op_type in ("DequantizeLinear", "Transpose")]
     batch = padded_batch(pad_id_of(m), seed=2)
     par = per_tensor_parity(prepare(qm), info["path"], batch)
     assert par["missing"] == [] and par["weight_max_steps"] == 0

@@ -26,6 +26,10 @@ How a calibrated :class:`~pegq.models.QuantizedModel` becomes a QDQ ONNX model:
      and pairs of large codes with large weights saturate often (measured: MPNet peg-gemm collapses
      to chance), while per-tensor inputs with an outlier range rarely do; the other matmuls keep the
      faster uint8 x int8 kernel.
+   * a smoothed activation (:mod:`pegq.smooth`) -> ``Mul(1/s) -> QuantizeLinear -> DequantizeLinear ->
+     Div(1/s)``, a smoothed weight -> the integers of ``W diag(s)`` + ``DequantizeLinear`` + ``Mul(1/s)``;
+     ``_fold_smooth`` then lets each matmul read the ``DequantizeLinear`` outputs on both sides (the
+     scales cancel), so only the float consumers (the residual sum) see the ``Div``;
    * a weight ``Transpose`` is folded into the integers; an embedding lookup ``Gather(DQ(table))``
      becomes ``DQ(Gather(int table))`` (only the looked-up rows are dequantized; per-tensor tables and
      tables with one scale per embedding dim, ``channel1``); the split/concat
@@ -443,21 +447,23 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
                 helper.make_tensor(s_name, 1, [], [float(s[0])]),
                 _int_tensor(np.array(z[0], dtype=np_dtype), z_name, dtype),
             ]
-            qs_name, qz_name, kw = s_name, z_name, {}
+            x_in, dq_out = node.input[0], node.output[0]
             if q.smooth is not None:
-                # per-axis QuantizeLinear with scales step * s_j (q(x * m) with m = 1/s, one zero-point): the
-                # codes of x / s; its DequantizeLinear gives s * q(x / s) to float consumers, and a per-tensor
-                # one (added by _fold_smooth) gives q(x / s) to the matmuls whose weights carry diag(s)
-                d = q.smooth.numel()
-                qs_name, qz_name, kw = f"{tag}.smooth_scale", f"{tag}.smooth_zero_point", {"axis": -1}
-                new_inits += [
-                    helper.make_tensor(qs_name, 1, [d], (float(s[0]) / q.smooth.double()).float().tolist()),
-                    _int_tensor(np.full([d], z[0], dtype=np_dtype), qz_name, dtype),
-                ]
-            new_nodes.append(helper.make_node("QuantizeLinear", [node.input[0], qs_name, qz_name], [q_out],
-                                              name=f"{tag}/QuantizeLinear", **kw))
-            new_nodes.append(helper.make_node("DequantizeLinear", [q_out, qs_name, qz_name], [node.output[0]],
-                                              name=f"{tag}/DequantizeLinear", **kw))
+                # q(x * m) / m with m = 1/s: Mul(m) -> per-tensor QuantizeLinear -> DequantizeLinear -> Div(m).
+                # The matmuls whose weights carry diag(s) read the DequantizeLinear directly (_fold_smooth);
+                # float consumers (the residual sum) read s * q(x / s) after the Div. (A per-axis
+                # QuantizeLinear would need no Mul, but ORT runs it ~24x slower than Mul + per-tensor.)
+                m_name = f"{tag}.smooth"
+                new_inits.append(helper.make_tensor(m_name, 1, [q.smooth.numel()], q.smooth.float().tolist()))
+                x_in, dq_out = f"{tag}.smoothed", f"{tag}.dq"
+                new_nodes.append(helper.make_node("Mul", [node.input[0], m_name], [x_in], name=f"{tag}/SmoothIn"))
+            new_nodes.append(helper.make_node("QuantizeLinear", [x_in, s_name, z_name], [q_out],
+                                              name=f"{tag}/QuantizeLinear"))
+            new_nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
+                                              name=f"{tag}/DequantizeLinear"))
+            if q.smooth is not None:
+                new_nodes.append(helper.make_node("Div", [dq_out, m_name], [node.output[0]],
+                                                  name=f"{tag}/SmoothOut"))
             info[tag] = {"kind": "activation", "bits": q.bits, "dtype": _dtype_name(dtype), "tensor": q_out,
                          "scale": float(s[0]), "zero_point": int(z[0]), "symmetric": q.symmetric,
                          "smoothed": q.smooth is not None}
@@ -520,84 +526,39 @@ def _fold_weight_transpose(g: _Graph, transposed: set[str]) -> int:
 
 
 def _fold_smooth(g: _Graph) -> tuple[int, int]:
-    """Smoothed pairs (:mod:`pegq.smooth`): ``MatMul(DQ_axis(codes of x/s), Transpose?(Mul(DQ(int W'), 1/s)))``
-    becomes ``MatMul(DQ(codes, step, zero-point), Transpose?(DQ(int W')))``: the per-dim scales cancel, so
-    both matmul inputs are per-tensor / per-channel integers ORT fuses into its int8 kernels. Returns
-    ``(folded, left)``; a smoothed weight whose matmul does not read a matching smoothed activation is
-    left as is (correct, but a float matmul)."""
-    from onnx import helper
-
+    """Smoothed pairs (:mod:`pegq.smooth`): ``MatMul(Div(DQ(codes of x m), m), Transpose?(Mul(DQ(int W'), 1/s)))``
+    with ``m = 1/s`` becomes ``MatMul(DQ(codes), Transpose?(DQ(int W')))``: the per-dim scales cancel, so both
+    matmul inputs are per-tensor / per-channel integers ORT fuses into its int8 kernels. Returns
+    ``(folded, left)``; a smoothed weight whose matmul does not read a matching smoothed activation is left
+    as is (correct, but a float matmul)."""
     folded, left = 0, 0
-    tensor_dq: dict[str, str] = {}  # activation QuantizeLinear output -> its per-tensor DequantizeLinear
     for mul in [n for n in g.g.node if n.op_type == "Mul" and n.name.endswith("/SmoothMul")]:
         inv = g.array(mul.input[1])
-        path = [mul]
         cur = mul
         cons = g.consumers.get(cur.output[0], [])
         if len(cons) == 1 and cons[0].op_type == "Transpose":
             cur = cons[0]
-            path.append(cur)
             cons = g.consumers.get(cur.output[0], [])
-        ok = bool(cons) and all(c.op_type == "MatMul" and c.input[1] == cur.output[0] for c in cons)
-        acts = []
+        ok = bool(cons) and inv is not None and all(c.op_type == "MatMul" and c.input[1] == cur.output[0]
+                                                    for c in cons)
+        rewire = []
         for mm in cons if ok else []:
-            dq = g.producer.get(mm.input[0])
-            qn = g.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if qn is None or qn.op_type != "QuantizeLinear" or _attr(dq, "axis") is None:
+            div = g.producer.get(mm.input[0])
+            m = g.array(div.input[1]) if div is not None and div.name.endswith("/SmoothOut") else None
+            if m is None or m.shape != inv.shape or not np.allclose(m, inv, rtol=1e-5, atol=0):
                 ok = False
                 break
-            step = g.array(dq.input[1])
-            zp = g.array(dq.input[2])
-            if step is None or zp is None or step.ndim != 1 or inv is None or step.shape != inv.shape:
-                ok = False
-                break
-            ratio = step * inv  # per-axis scale step*s times 1/s: one number if the pair matches
-            if not np.allclose(ratio, ratio[0], rtol=1e-5, atol=0) or not (zp == zp[0]).all():
-                ok = False
-                break
-            acts.append((mm, dq, float(ratio.mean()), zp))
+            rewire.append((mm, div.input[0]))
         if not ok:
             left += 1
             continue
-        for mm, dq, step, zp in acts:
-            key = dq.input[0]
-            if key not in tensor_dq:
-                base = dq.name.rsplit("/", 1)[0]
-                s_name, z_name, out = f"{base}.tensor_scale", f"{base}.tensor_zero_point", f"{base}.dq_tensor"
-                g.g.initializer.extend([
-                    helper.make_tensor(s_name, 1, [], [step]),
-                    _int_tensor(np.array(zp[0], dtype=zp.dtype), z_name, g.inits[dq.input[2]].data_type),
-                ])
-                g.g.node.append(helper.make_node("DequantizeLinear", [key, s_name, z_name], [out],
-                                                 name=f"{base}/DequantizeLinearTensor"))
-                tensor_dq[key] = out
-            mm.input[0] = tensor_dq[key]
+        for mm, dq_out in rewire:
+            mm.input[0] = dq_out
         _set_input(g, mul.output[0], mul.input[0])
         g.g.node.remove(mul)
         g.refresh()
         folded += 1
-    if folded:
-        _toposort(g.g)
     return folded, left
-
-
-def _toposort(graph) -> None:
-    """Order ``graph.node`` topologically (nodes appended by the folds go after their inputs' producers)."""
-    produced = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
-    nodes, out = list(graph.node), []
-    while nodes:
-        rest = []
-        for n in nodes:
-            if all(i in produced for i in n.input):
-                out.append(n)
-                produced.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(nodes):
-            raise ExportError("internal: the graph has a cycle after folding")
-        nodes = rest
-    del graph.node[:]
-    graph.node.extend(out)
 
 
 _MOVES = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Expand", "Tile", "Gather")
