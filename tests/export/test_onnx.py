@@ -385,3 +385,13 @@ def test_minilm_sq_gemm_runs_every_linear_on_int8_kernels(minilm, tmp_path):
     assert par["forced_output_max_abs_diff"] <= 1e-4
     meta = metadata(exact["path"])["pegq.quantizers"]
     assert meta["encoder.layer.2.attn.layernorm"]["smoothed"] and meta["encoder.layer.3.attn.query.weight"]["smoothed"]
+
+
+def test_smoothing_inside_a_peg_split_ffn_block_says_why(tmp_path, one_thread):
+    """A smoothed FFN input puts column scales on the first FFN Linear; PEG on that block's output would split
+    the Linear by rows and columns, which the rewrite cannot do with the scales: refused, nothing written."""
+    qm, _ = _tiny("w8a8", ["encoder.layer.0.attn.layernorm=sq0.5", "encoder.layer.0.ffn.output=peg4p"])
+    assert qm.quantizers["encoder.layer.0.ffn.intermediate.weight"].smooth is not None
+    with pytest.raises(ExportError, match=r"encoder\.layer\.0\.ffn\.intermediate\.weight: smoothed weights.*not both"):
+        export_onnx(qm, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()

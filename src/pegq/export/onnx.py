@@ -779,8 +779,7 @@ def lower(model, qm: QuantizedModel, weight_dtype: str = "int8") -> tuple[Any, d
     g = _Graph(model.graph)
     transposed: set[str] = set()
     folds = {}
-    folds["smooth"], folds["smooth_left"] = _fold_smooth(g)
-    g = _Graph(model.graph)
+    folds["smooth"], folds["smooth_left"] = _fold_smooth(g)  # refreshes g after each change
     folds.update(transpose=_fold_weight_transpose(g, transposed), gather=_fold_gather(g))
     for v in info.values():
         if v["kind"] == "weight":

@@ -352,18 +352,12 @@ def peg_plan(qm: QuantizedModel) -> dict[str, dict]:
             hidden[lay["block"] + ".intermediate"] = lay
     plan: dict[str, dict] = {}
     outlier_plan: dict[str, dict] = {}
-    peg_blocks = {ffn_roles[n][0] for n, q in qm.quantizers.items() if n in ffn_roles and is_peg(q)}
-    split_weights = {lay[w] for b, lay in layouts.items() if b in peg_blocks for w in ("w1", "w2")}
-    split_weights |= {lay["w2"] for n, lay in hidden.items() if n in qm._qdict and is_peg(qm._qdict[n])}
     for n, q in qm.quantizers.items():
         if not q.enabled:
             continue
         _check_frozen(q)
         g = q.granularity
         if qm.kind(n) == "weight":
-            if q.smooth is not None and n in split_weights:
-                raise RewriteError(f"{n}: smoothed weights (an sq<alpha> FFN input) cannot be split by the PEG "
-                                   f"rewrite; use PEG or smoothing on this FFN block, not both")
             if not isinstance(g, PerTensor | PerChannel):
                 raise RewriteError(
                     f"{n}: {g.describe()} weights have no per-tensor form; use per-tensor or per-channel weights"
@@ -425,6 +419,13 @@ def peg_plan(qm: QuantizedModel) -> dict[str, dict]:
         d = p["layout"]["lin2"].in_features
         plan[n] = {**p, "outlier_split": True, "groups": 2, "width": d,
                    "sizes": p["q"].granularity.sizes(d), "perm": _perm_of(p["q"], d)}
+    for p in plan.values():  # the Linears the rewrite splits must not carry smoothing column scales
+        for w in ("w2",) if p.get("outlier_split") else ("w1", "w2"):
+            wname = p["layout"][w]
+            wq = qm._qdict[wname]
+            if wq.enabled and wq.smooth is not None:
+                raise RewriteError(f"{wname}: smoothed weights (an sq<alpha> FFN input) cannot be split by the "
+                                   f"PEG rewrite; use PEG or smoothing on this FFN block, not both")
     return plan
 
 

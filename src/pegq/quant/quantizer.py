@@ -307,11 +307,6 @@ class Quantizer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_layout(self, x: torch.Tensor) -> None:
-        if self.smooth is not None and (x.ndim == 0 or x.shape[-1] != self.smooth.numel()):
-            raise ValueError(
-                f"{self.name}: the smoothing scale has {self.smooth.numel()} entries but the tensor has shape "
-                f"{tuple(x.shape)}; it applies along the last axis (re-calibrate for a new model)"
-            )
         g = self.granularity
         g.check(x.shape, self.name)
         if self.perm is not None and self.perm.numel() != x.shape[-1]:
@@ -361,7 +356,11 @@ class Quantizer(nn.Module):
             return self.forward(x.reshape(1)).reshape(())
         m = self.smooth
         if m is not None:
-            self._check_layout(x)
+            if x.shape[-1] != m.numel():
+                raise ValueError(
+                    f"{self.name}: the smoothing scale has {m.numel()} entries but the tensor has shape "
+                    f"{tuple(x.shape)}; it applies along the last axis (re-calibrate for a new model)"
+                )
             m = m.to(device=x.device, dtype=x.dtype)
             return self._fake_quant(x * m) / m
         return self._fake_quant(x)
