@@ -122,3 +122,33 @@ def test_ptq_gptq_cli(minilm_path, tmp_path):
     assert not (out / ".gptq-state").exists()
     res = CliRunner().invoke(app, args + ["--adaround", "--overwrite"], catch_exceptions=False)
     assert res.exit_code == 2 and "pick one" in res.output
+
+
+def test_gptq_rounds_smoothed_weights_on_their_own_grid(minilm_path, rt):
+    """Smoothed Linears (pegq.smooth) carry W diag(s) on their grid and read x / s: GPTQ rounds W diag(s) for the
+    Hessian of x / s. At 4-bit weights with smoothed 8-bit LayerNorm outputs it beats round-to-nearest on every
+    smoothed layer's proxy loss and on the dev logits."""
+    from pegq.api import calibrate, quantize
+    from pegq.config import get_preset
+    from pegq.models import load_model
+    from pegq.peg import quantizers_off
+    from pegq.pipeline import calibration_batches
+
+    torch.manual_seed(0)
+    model, tok = load_model(minilm_path, num_labels=2)
+    cfg = get_preset("w4a32").with_overrides([
+        "encoder.layer.*.weight=channel", "encoder.layer.*.attn.layernorm=8,tensor,sq0.8",
+        "encoder.layer.*.ffn.layernorm=8,tensor,sq0.8", "embeddings.layernorm=8,tensor,sq0.8"])
+    cfg.calibration.num_batches = 2
+    qm = quantize(model, cfg)
+    calibrate(qm, calibration_batches(rt, tok, cfg), progress=False)
+    smoothed = [n for n, q in linear_weight_quantizers(qm).items() if qm.quantizers[n].smooth is not None]
+    assert len(smoothed) == 4 * qm.model.config.num_hidden_layers
+    with quantizers_off(qm):
+        ref = _dev_logits(qm, rt, tok)
+    cos_nearest = _cos(_dev_logits(qm, rt, tok), ref)
+    info = gptq_model(qm, calibration_sequences(rt, tok, 32, batch_size=16), GPTQRun(num_samples=32), progress=False)
+    per = info["per_layer"]
+    assert all(per[n]["proxy_gptq"] < per[n]["proxy_nearest"] for n in smoothed), per
+    cos_gptq = _cos(_dev_logits(qm, rt, tok), ref)
+    assert cos_gptq > cos_nearest + 0.001, (cos_nearest, cos_gptq)  # measured 0.8682 -> 0.8702 (32 sequences)

@@ -194,10 +194,10 @@ def _save_state(state_dir: Path, st: dict, filename: str = STATE_FILE) -> None:
     os.replace(tmp, state_dir / filename)
 
 
-def start_rounding(qm: QuantizedModel, run, state_dir, method: str, filename: str):
+def start_rounding(qm: QuantizedModel, run, state_dir, method: str, filename: str, smoothed_ok: bool = False):
     """The common start of a whole-model weight-rounding run (AdaRound, GPTQ): the Linear weights to
-    round (checked calibrated and frozen), the state of an interrupted run with its finished layers'
-    offsets re-applied, and ``state_dir`` as a Path (or None)."""
+    round (checked calibrated and frozen; smoothed ones only with ``smoothed_ok``), the state of an interrupted
+    run with its finished layers' offsets re-applied, and ``state_dir`` as a Path (or None)."""
     layers = linear_weight_quantizers(qm)
     if not layers:
         raise ValueError(f"no enabled weight quantizer on a Linear layer: nothing for {method} to do "
@@ -207,7 +207,7 @@ def start_rounding(qm: QuantizedModel, run, state_dir, method: str, filename: st
         q = quantizers[n]
         if q.state != QuantState.FROZEN or (q.x_min is None and q.scale_param is None):
             raise ValueError(f"{n}: {method} needs calibrated, frozen weight quantizers; run calibrate first")
-        if q.smooth is not None:
+        if q.smooth is not None and not smoothed_ok:
             raise ValueError(f"{n}: {method} does not support smoothed weights (an sq<alpha> activation "
                              f"override); drop the sq override or the {method} option")
     names = list(layers)

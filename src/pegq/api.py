@@ -17,7 +17,7 @@ import torch
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .config import ConfigError, QuantConfig, resolve_config
+from .config import ConfigError, QuantConfig, resolve_config, sq_token
 from .models import QuantizedModel, wrap
 from .quant import QuantState
 
@@ -43,10 +43,11 @@ def apply_config(qm: QuantizedModel, cfg: QuantConfig) -> dict:
     settings = cfg.resolve(names)
     for n, s in settings.items():
         if s.smooth is not None and names[n] and s.bits is not None:
-            raise ConfigError(f"{n}: smoothing (sq{s.smooth:g}) applies to activations, not weights: put it on the "
-                              f"activation the Linear reads (its weight quantizer follows at calibration)")
+            raise ConfigError(f"{n}: smoothing ({sq_token(s.smooth)}) applies to activations, not weights: put it "
+                              f"on the activation the Linear reads (its weight quantizer follows at calibration)")
     for n, s in settings.items():
         qm.quantizers[n].smooth_alpha = s.smooth if s.bits is not None else None
+        qm.quantizers[n].smooth_shift = bool(s.shift) and s.bits is not None
         qm.quantizers[n].configure(
             bits=s.bits,
             symmetric=s.symmetric,
@@ -92,7 +93,7 @@ def calibrate(
     # range-based permutations for permuted PEG quantizers need one FP32 pass first
     perm_time = prepare_permutations(qm, batches, device=device)
     # SmoothQuant-style scales (sq<alpha> activations and the weights of the Linears reading them)
-    smooth_time = prepare_smoothing(qm, batches, device=device)["smoothing_s"]
+    smoothing = prepare_smoothing(qm, batches, device=device)
     for q in enabled.values():
         q.estimate()
     # Weight quantizers see their (static) tensor once, on the first batch; parametrize.cached()
@@ -108,8 +109,11 @@ def calibrate(
         )
     for q in enabled.values():
         q.freeze()
-    return {"calibration_s": time.perf_counter() - t0, "permutation_s": perm_time, "smoothing_s": smooth_time,
-            "batches": len(batches)}
+    out = {"calibration_s": time.perf_counter() - t0, "permutation_s": perm_time,
+           "smoothing_s": smoothing["smoothing_s"], "batches": len(batches)}
+    if smoothing.get("alphas"):  # sqauto: the alpha each smoothed tensor got
+        out["smoothing_alphas"] = {n: r["alpha"] for n, r in smoothing["alphas"].items()}
+    return out
 
 
 @torch.no_grad()

@@ -30,7 +30,10 @@ TOKENs, case-insensitive:
 ``sq<alpha>``          activations only, per-tensor: SmoothQuant-style smoothing with migration
                        strength alpha in (0, 1] (``sq`` = ``sq0.5``; ``nosq`` removes it): per-dim
                        scales moved into the weights of the Linears that read the tensor
-                       (:mod:`pegq.smooth`; not in the paper)
+                       (:mod:`pegq.smooth`; not in the paper); ``sqauto`` picks alpha per tensor
+                       from a grid by the readers' output error on the calibration data
+``shift`` ``noshift``  with ``sq``: also centre each dim before quantizing (Outlier Suppression+;
+                       the readers' biases absorb it)
 ``optional``           no error when the pattern matches no quantizer (e.g. a head
                        that only some families have); by default that is an error
 =====================  ==========================================================
@@ -111,7 +114,8 @@ class QuantizerSettings:
     outliers: int = 0  # PEG: size of a small last group (the largest-range dims); 0 = even groups
     estimator: str = "current_minmax"
     momentum: float = 0.9
-    smooth: float | None = None  # activations: SmoothQuant migration strength alpha in (0, 1] (pegq.smooth)
+    smooth: float | str | None = None  # activations: SmoothQuant migration strength in (0, 1] or "auto"
+    shift: bool = False  # with smooth: centre each dim first (pegq.smooth)
 
     def __post_init__(self):
         if self.bits is not None and (
@@ -130,13 +134,18 @@ class QuantizerSettings:
         if self.granularity == "peg" and self.groups < 1:
             raise ConfigError(f"PEG needs groups >= 1, got {self.groups}")
         if self.smooth is not None:
-            if isinstance(self.smooth, bool) or not isinstance(self.smooth, int | float) \
-                    or not 0 < self.smooth <= 1:
+            if self.smooth != "auto" and (isinstance(self.smooth, bool) or not isinstance(self.smooth, int | float)
+                                          or not 0 < self.smooth <= 1):
                 raise ConfigError(f"smooth={self.smooth!r} is not allowed; use a migration strength in (0, 1], "
-                                  f"e.g. sq0.8, or null (no smoothing)")
+                                  f"e.g. sq0.8, \"auto\" (sqauto), or null (no smoothing)")
             if self.granularity != "tensor":
-                raise ConfigError(f"smoothing (sq{self.smooth}) needs a per-tensor quantizer, not "
+                raise ConfigError(f"smoothing ({sq_token(self.smooth)}) needs a per-tensor quantizer, not "
                                   f"{self.granularity}: it exists to keep one scale per tensor")
+        if not isinstance(self.shift, bool):
+            raise ConfigError(f"shift={self.shift!r} is not allowed; use true or false")
+        if self.shift and self.smooth is None:
+            raise ConfigError("shift needs smoothing on the same quantizer (e.g. sq0.8,shift): the readers' weights "
+                              "and biases absorb it together")
         if self.granularity == "peg" and self.outliers and (self.outliers < 0 or self.groups < 2):
             raise ConfigError(
                 f"a PEG outlier group (outliers={self.outliers}) needs outliers > 0 and groups >= 2, got "
@@ -158,7 +167,7 @@ class QuantizerSettings:
         g = {"tensor": "tensor", "channel": f"channel{self.axis}", "embedding": "emb"}.get(
             self.granularity, _peg_token(self.groups, self.permute, self.outliers)
         )
-        sq = f",sq{self.smooth:g}" if self.smooth is not None else ""
+        sq = f",{sq_token(self.smooth)}{',shift' if self.shift else ''}" if self.smooth is not None else ""
         return f"{self.bits}b,{'sym' if self.symmetric else 'asym'},{g}{sq},{self.estimator}"
 
 
@@ -175,7 +184,8 @@ class Override:
     permute: bool | None = None
     outliers: int | None = None
     estimator: str | None = None
-    smooth: float | None | str = "keep"  # "keep" = unchanged; None = no smoothing; else alpha
+    smooth: float | None | str = "keep"  # "keep" = unchanged; None = no smoothing; else alpha or "auto"
+    shift: bool | None = None  # None = unchanged
     optional: bool = False  # a preset's pattern that may match nothing on some families (no error)
 
     def apply(self, s: QuantizerSettings) -> QuantizerSettings:
@@ -190,6 +200,10 @@ class Override:
             changes["smooth"] = self.smooth
         elif changes.get("granularity", "tensor") != "tensor" or changes.get("bits", 8) is None:
             changes["smooth"] = None  # a new granularity (or off) ends an inherited smoothing
+        if self.shift is not None:
+            changes["shift"] = self.shift
+        if changes.get("smooth", s.smooth) is None:
+            changes["shift"] = False  # no smoothing, no shift
         return dataclasses.replace(s, **changes)
 
     def matches(self, name: str) -> bool:
@@ -213,7 +227,9 @@ class Override:
         if self.symmetric is not None:
             toks.append("sym" if self.symmetric else "asym")
         if self.smooth != "keep":
-            toks.append("nosq" if self.smooth is None else f"sq{self.smooth:g}")
+            toks.append("nosq" if self.smooth is None else sq_token(self.smooth))
+        if self.shift is not None:
+            toks.append("shift" if self.shift else "noshift")
         if self.optional:
             toks.append("optional")
         return f"{self.pattern}={','.join(toks)}"
@@ -221,6 +237,11 @@ class Override:
 
 _BITS_RE = re.compile(r"^[aw]?(\d+)b?$")
 _PEG_RE = re.compile(r"^peg(\d+)(p?)(?:o(\d+))?$")
+
+
+def sq_token(alpha: float | str) -> str:
+    """``sq<alpha>`` or ``sqauto``."""
+    return "sqauto" if alpha == "auto" else f"sq{alpha:g}"
 
 
 def _peg_token(groups: int, permute: bool, outliers: int) -> str:
@@ -276,6 +297,10 @@ def parse_override(text: str) -> Override:
             o.optional = True
         elif t == "nosq":
             o.smooth = None
+        elif t == "sqauto":
+            o.smooth = "auto"
+        elif t in ("shift", "noshift"):
+            o.shift = t == "shift"
         elif m := _SQ_RE.match(t):
             try:
                 a = float(m.group(1)) if m.group(1) else 0.5
@@ -290,7 +315,8 @@ def parse_override(text: str) -> Override:
             except ValueError:
                 raise ConfigError(
                     f"override {text!r}: unknown token {t!r}; allowed: off, a<bits>/w<bits>, tensor, "
-                    f"channel[AXIS], emb, peg<K>[p][o<M>], sq<alpha>, nosq, minmax, running, mse, sym, asym, "
+                    f"channel[AXIS], emb, peg<K>[p][o<M>], sq<alpha>, sqauto, nosq, shift, noshift, minmax, running, "
+                    f"mse, sym, asym, "
                     f"optional"
                 ) from None
     return o

@@ -12,6 +12,9 @@ read the same input tensor (a layer's query, key and value Linears); for each gr
    proxy loss on the calibration rows is above round-to-nearest's (it is greedy; rare), nearest is kept
    (reported as ``kept``).
 
+A smoothed weight (:mod:`pegq.smooth`) is rounded on its own grid, that of ``W diag(s)``, for the Hessian of
+the smoothed input ``diag(1/s) H diag(1/s)``.
+
 Then the enabled activation quantizers are re-calibrated (:func:`pegq.adaround_model.recalibrate_activations`),
 since their ranges were estimated with round-to-nearest weights. Embedding tables keep round-to-nearest.
 An interrupted run resumes after the last finished group (``state_dir``).
@@ -157,7 +160,7 @@ def gptq_model(
     :func:`pegq.adaround_model.calibration_sequences`). Returns a report with one entry per layer (proxy loss of
     round-to-nearest and of GPTQ, share of changed integers, seconds) and totals."""
     run = run or GPTQRun()
-    layers, st, state_dir = start_rounding(qm, run, state_dir, "GPTQ", STATE_FILE)
+    layers, st, state_dir = start_rounding(qm, run, state_dir, "GPTQ", STATE_FILE, smoothed_ok=True)
     quantizers, names = qm.quantizers, list(layers)
     t0 = time.perf_counter()
     groups = shared_input_groups(qm, layers, batches[0], device)
@@ -170,11 +173,18 @@ def gptq_model(
         for n in g:
             q, lin = quantizers[n], layers[n]
             w = lin.parametrizations.weight.original.detach()
+            h = hess.h
+            if q.smooth is not None:
+                # smoothed (pegq.smooth): the grid holds W' = W diag(s) and the Linear's input is X = X' diag(s)
+                # with X' the codes' scale, so W X^T = W' X'^T: round W' for H' = diag(1/s) H diag(1/s)
+                sm = q.smooth.to(w.device, torch.float32)
+                w = w.float() * sm
+                h = h / sm.to(h.device)[:, None] / sm.to(h.device)[None, :]
             scale, zero = q.qparams()
             gran = q.granularity
             s = gran.broadcast(scale.detach(), w, q.group_index)
             z = None if q.symmetric else gran.broadcast(zero.detach(), w, q.group_index)
-            offset, info = gptq_offset(w, s, z, q.qmin, q.qmax, hess.h, run.layer)
+            offset, info = gptq_offset(w, s, z, q.qmin, q.qmax, h, run.layer)
             info["rows"] = hess.rows
             info["kept"] = "gptq"
             if info["proxy_gptq"] > info["proxy_nearest"]:

@@ -334,16 +334,21 @@ def test_gptq_rounded_weights_export_and_pack(family, tmp_path, one_thread):
         assert torch.equal(qm(**batch).logits, loaded(**batch).logits)
 
 
+@pytest.mark.parametrize("shift", [False, True], ids=["sq", "sq+shift"])
 @pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
-def test_smoothed_layernorm_outputs_export_on_every_family(family, tmp_path, one_thread):
+def test_smoothed_layernorm_outputs_export_on_every_family(family, shift, tmp_path, one_thread):
     """``sq-gemm``: every smoothed LayerNorm output is ``Mul(1/s)`` + one per-tensor QuantizeLinear whose codes
     feed the matmuls of the Linears reading it through a per-tensor DequantizeLinear (the column scales cancel
-    against the weights W diag(s)); the float residual sum reads ``Div(1/s)`` of it. ORT matches per tensor."""
+    against the weights W diag(s)); the float residual sum reads ``Div(1/s)`` of it. ORT matches per tensor.
+    With ``shift`` (each dim centred first), the readers' biases carry ``W z`` instead."""
     import onnx
     from models_helpers import pad_id_of, padded_batch, tiny_model
 
     m = tiny_model(family, True)
-    qm = pegq.quantize(m, "sq-gemm", overrides=["encoder.layer.*intermediate=peg2po4"])  # d_ff of tiny: 37
+    extra = ["*layernorm=shift,optional"] if shift else []
+    qm = pegq.quantize(m, "sq-gemm", overrides=["encoder.layer.*intermediate=peg2po4", *extra])  # d_ff of tiny: 37
+    if shift:
+        assert [n for n, q in qm.activation_quantizers().items() if q.smooth_shift]
     pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
     smoothed_w = [n for n, q in qm.weight_quantizers().items() if q.smooth is not None]
     assert smoothed_w, "no Linear weight was smoothed"
@@ -356,6 +361,10 @@ def test_smoothed_layernorm_outputs_export_on_every_family(family, tmp_path, one
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[0] in by_out
                 and by_out[n.input[0]].name.endswith("/SmoothOut") and n.input[1] in by_out
                 and by_out[n.input[1]].op_type in ("DequantizeLinear", "Transpose")]
+    shifted = [n for n, q in qm.activation_quantizers().items() if q.shift is not None]
+    assert bool(shifted) == shift
+    assert len([n for n in graph.node if n.name.endswith("/ShiftIn")]) == len(shifted)  # (ShiftOut: if read)
+    assert len([i for i in graph.initializer if i.name.endswith(".shifted_bias")]) == (len(smoothed_w) if shift else 0)
     batch = padded_batch(pad_id_of(m), seed=2)
     par = per_tensor_parity(prepare(qm), info["path"], batch)
     assert par["missing"] == [] and par["weight_max_steps"] == 0

@@ -118,9 +118,11 @@ def test_smoothed_weights_round_trip_is_identical(tmp_path, one_thread):
     from models_helpers import pad_id_of, padded_batch, tiny_model
 
     m = tiny_model("bert", True)
-    qm = pegq.quantize(m, "sq-gemm", overrides=["encoder.layer.*intermediate=peg2po4"])
+    qm = pegq.quantize(m, "sq-gemm", overrides=["encoder.layer.*intermediate=peg2po4",
+                                                "encoder.layer.*.attn.layernorm=sqauto,shift"])
     pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
     assert qm.quantizers["encoder.layer.1.attn.key.weight"].smooth is not None
+    assert qm.quantizers["encoder.layer.1.attn.layernorm"].shift is not None
     save_packed(qm, tmp_path / "p")
     loaded, _ = load_packed(tmp_path / "p")
     batch = padded_batch(pad_id_of(m), seed=2)
@@ -130,3 +132,6 @@ def test_smoothed_weights_round_trip_is_identical(tmp_path, one_thread):
         if q.smooth is not None:
             assert torch.equal(loaded.quantizers[n].smooth, q.smooth), n
             assert loaded.quantizers[n].smooth_alpha == q.smooth_alpha, n
+            assert (q.shift is None and loaded.quantizers[n].shift is None) or torch.equal(
+                loaded.quantizers[n].shift, q.shift), n
+            assert loaded.quantizers[n].smooth_shift == q.smooth_shift, n

@@ -29,7 +29,9 @@ How a calibrated :class:`~pegq.models.QuantizedModel` becomes a QDQ ONNX model:
    * a smoothed activation (:mod:`pegq.smooth`) -> ``Mul(1/s) -> QuantizeLinear -> DequantizeLinear ->
      Div(1/s)``, a smoothed weight -> the integers of ``W diag(s)`` + ``DequantizeLinear`` + ``Mul(1/s)``;
      ``_fold_smooth`` then lets each matmul read the ``DequantizeLinear`` outputs on both sides (the
-     scales cancel), so only the float consumers (the residual sum) see the ``Div``;
+     scales cancel), so only the float consumers (the residual sum) see the ``Div``; a shifted one
+     (``shift``) adds ``Sub(z)`` before the ``Mul`` and ``Add(z)`` after the ``Div``, and the fold adds
+     ``W z`` to each reader's bias;
    * a weight ``Transpose`` is folded into the integers; an embedding lookup ``Gather(DQ(table))``
      becomes ``DQ(Gather(int table))`` (only the looked-up rows are dequantized; per-tensor tables and
      tables with one scale per embedding dim, ``channel1``); the split/concat
@@ -453,20 +455,31 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
                 # The matmuls whose weights carry diag(s) read the DequantizeLinear directly (_fold_smooth);
                 # float consumers (the residual sum) read s * q(x / s) after the Div. (A per-axis
                 # QuantizeLinear would need no Mul, but ORT runs it ~24x slower than Mul + per-tensor.)
+                # With a shift z: Sub(z) first and Add(z) last; _fold_smooth moves W z into the readers' biases.
                 m_name = f"{tag}.smooth"
                 new_inits.append(helper.make_tensor(m_name, 1, [q.smooth.numel()], q.smooth.float().tolist()))
                 x_in, dq_out = f"{tag}.smoothed", f"{tag}.dq"
-                new_nodes.append(helper.make_node("Mul", [node.input[0], m_name], [x_in], name=f"{tag}/SmoothIn"))
+                src_in = node.input[0]
+                if q.shift is not None:
+                    shift_name = f"{tag}.shift"
+                    new_inits.append(helper.make_tensor(shift_name, 1, [q.shift.numel()], q.shift.float().tolist()))
+                    src_in = f"{tag}.centred"
+                    new_nodes.append(helper.make_node("Sub", [node.input[0], shift_name], [src_in],
+                                                      name=f"{tag}/ShiftIn"))
+                new_nodes.append(helper.make_node("Mul", [src_in, m_name], [x_in], name=f"{tag}/SmoothIn"))
             new_nodes.append(helper.make_node("QuantizeLinear", [x_in, s_name, z_name], [q_out],
                                               name=f"{tag}/QuantizeLinear"))
             new_nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
                                               name=f"{tag}/DequantizeLinear"))
             if q.smooth is not None:
-                new_nodes.append(helper.make_node("Div", [dq_out, m_name], [node.output[0]],
-                                                  name=f"{tag}/SmoothOut"))
+                div_out = node.output[0] if q.shift is None else f"{tag}.unsmoothed"
+                new_nodes.append(helper.make_node("Div", [dq_out, m_name], [div_out], name=f"{tag}/SmoothOut"))
+                if q.shift is not None:
+                    new_nodes.append(helper.make_node("Add", [div_out, f"{tag}.shift"], [node.output[0]],
+                                                      name=f"{tag}/ShiftOut"))
             info[tag] = {"kind": "activation", "bits": q.bits, "dtype": _dtype_name(dtype), "tensor": q_out,
                          "scale": float(s[0]), "zero_point": int(z[0]), "symmetric": q.symmetric,
-                         "smoothed": q.smooth is not None}
+                         "smoothed": q.smooth is not None, "shifted": q.shift is not None}
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(new_inits)
@@ -544,21 +557,82 @@ def _fold_smooth(g: _Graph) -> tuple[int, int]:
         rewire = []
         for mm in cons if ok else []:
             div = g.producer.get(mm.input[0])
+            zshift = None
+            if div is not None and div.name.endswith("/ShiftOut"):  # Add(Div(DQ, m), z)
+                zshift = g.array(div.input[1])
+                div = g.producer.get(div.input[0])
             m = g.array(div.input[1]) if div is not None and div.name.endswith("/SmoothOut") else None
             if m is None or m.shape != inv.shape or not np.allclose(m, inv, rtol=1e-5, atol=0):
                 ok = False
                 break
-            rewire.append((mm, div.input[0]))
+            delta = None
+            if zshift is not None:  # (D/m + z) diag(m) B' = D B' + (z m) B': W z moves into the bias
+                delta = _shift_bias(g, mul, cur, zshift * m)
+                slot = _bias_slot(g, mm)
+                if delta is None or slot is None or _constant(g, slot[0].input[slot[1]]).shape[-1:] != delta.shape:
+                    ok = False
+                    break
+            rewire.append((mm, div.input[0], delta))
         if not ok:
             left += 1
             continue
-        for mm, dq_out in rewire:
+        for mm, dq_out, delta in rewire:
             mm.input[0] = dq_out
+            if delta is not None:
+                _add_to_bias(g, mm, delta)
         _set_input(g, mul.output[0], mul.input[0])
         g.g.node.remove(mul)
         g.refresh()
         folded += 1
     return folded, left
+
+
+def _shift_bias(g: _Graph, mul, cur, zm: np.ndarray) -> np.ndarray | None:
+    """``(z m) B'`` for the weight ``B' = Transpose(DQ(int W'))`` a smoothed matmul reads after the fold (None
+    where the weight is not a 2-D ``Transpose`` of a constant ``DequantizeLinear``, which is then left unfolded)."""
+    dq = g.producer.get(mul.input[0])
+    if dq is None or dq.op_type != "DequantizeLinear" or cur is mul or cur.op_type != "Transpose":
+        return None
+    w, sc = g.array(dq.input[0]), g.array(dq.input[1])
+    zp = g.array(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    if w is None or sc is None or w.ndim != 2 or list(_attr(cur, "perm", [1, 0])) != [1, 0]:
+        return None
+    shape = [1, 1]
+    if sc.ndim:
+        shape[_attr(dq, "axis", 1) % 2] = -1
+    wf = (w.astype(np.float64) - (0 if zp is None else zp.astype(np.float64).reshape(shape))) \
+        * sc.astype(np.float64).reshape(shape)
+    return (wf @ zm.astype(np.float64)).astype(np.float32)  # W' [out, in] @ (z m) [in] = (z m) B'
+
+
+def _bias_slot(g: _Graph, mm) -> tuple | None:
+    """``(Add node, input index)`` of the constant bias a matmul's output gets, or None."""
+    cons = g.consumers.get(mm.output[0], [])
+    if len(cons) != 1 or cons[0].op_type != "Add":
+        return None
+    k = next((i for i, n in enumerate(cons[0].input) if n != mm.output[0]), None)
+    return (cons[0], k) if k is not None and _constant(g, cons[0].input[k]) is not None else None
+
+
+def _constant(g: _Graph, name: str) -> np.ndarray | None:
+    """An initializer or Constant's value, through ``Identity`` nodes (the exporter ties equal initializers)."""
+    n = g.producer.get(name)
+    while n is not None and n.op_type == "Identity":
+        name = n.input[0]
+        n = g.producer.get(name)
+    return g.array(name)
+
+
+def _add_to_bias(g: _Graph, mm, delta: np.ndarray) -> None:
+    """Add ``delta`` to the constant bias of the matmul's output ``Add`` (as a new initializer)."""
+    from onnx import numpy_helper
+
+    add, k = _bias_slot(g, mm)
+    b = _constant(g, add.input[k])
+    name = f"{mm.name or mm.output[0]}.shifted_bias"
+    g.g.initializer.append(numpy_helper.from_array(
+        (b.astype(np.float64) + np.broadcast_to(delta, b.shape)).astype(np.float32), name))
+    add.input[k] = name
 
 
 _MOVES = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Expand", "Tile", "Gather")
@@ -952,8 +1026,9 @@ class _Forced:
         s, z = q.qparams()
         s = s.reshape(())
         z = torch.zeros_like(s) if q.symmetric else z.reshape(())
-        m = q.smooth.to(x.device, x.dtype) if q.smooth is not None else None  # smoothed: codes of x * m
-        want = quantize_to_int(x if m is None else x * m, s, z, q.qmin, q.qmax)
+        m = q.smooth.to(x.device, x.dtype) if q.smooth is not None else None  # smoothed: codes of (x - z) * m
+        c = q.shift.to(x.device, x.dtype) if q.shift is not None else None
+        want = quantize_to_int(x if m is None else (x if c is None else x - c) * m, s, z, q.qmin, q.qmax)
         have = torch.from_numpy(self.codes.astype(np.int64))
         if tuple(have.shape) != tuple(want.shape):
             raise ExportError(f"{q.name}: ORT tensor {tuple(have.shape)} vs model {tuple(want.shape)}")
@@ -964,7 +1039,7 @@ class _Forced:
             "elements": int(diff.numel()),
         }
         out = dequantize(have, s, z).to(x.dtype)
-        return out if m is None else out / m
+        return out if m is None else out / m if c is None else out / m + c
 
 
 @torch.no_grad()

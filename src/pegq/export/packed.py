@@ -15,7 +15,7 @@ A packed checkpoint is a folder::
   one byte for 5-8 bits, two bytes for 9-16 bits; ``<key>.scale`` (float32) and ``<key>.zero_point``
   (int32), one per parameter pair (1 for per-tensor, one per channel);
 * every other parameter and buffer of the model at its own dtype (biases, LayerNorm, FP32 weights);
-* ``pegq.<quantizer name>.<x_min|x_max|perm|scale_param|zero_param|smooth>`` -- the frozen state of
+* ``pegq.<quantizer name>.<x_min|x_max|perm|scale_param|zero_param|smooth|shift>`` -- the frozen state of
   every quantizer (ranges, PEG permutations, learned QAT parameters, smoothing scales), so that the
   loaded quantizers have the very same scales and zero-points. A smoothed weight (:mod:`pegq.smooth`)
   is stored as the codes of ``W diag(s)`` and loaded as their dequantized values divided by ``s``.
@@ -44,7 +44,7 @@ from ..quant import QuantState
 FORMAT = "pegq-packed-v1"
 META = "pegq_packed.json"
 WEIGHTS = "model.safetensors"
-_STATE = ("x_min", "x_max", "perm", "scale_param", "zero_param", "smooth")
+_STATE = ("x_min", "x_max", "perm", "scale_param", "zero_param", "smooth", "shift")
 
 
 class PackedError(ValueError):
@@ -315,9 +315,10 @@ def load_packed(path: str | Path, with_tokenizer: bool = True):
                     granularity=granularity_from_dict(spec["granularity"]),
                     estimator=spec["estimator"], momentum=spec.get("momentum", 0.9))
         q.smooth_alpha = spec.get("smooth")
+        q.smooth_shift = bool(spec.get("shift", False))
         if q.enabled:
             if f"pegq.{n}.smooth" in sd:
-                q.set_smooth(sd[f"pegq.{n}.smooth"])
+                q.set_smooth(sd[f"pegq.{n}.smooth"], sd.get(f"pegq.{n}.shift"))
             if f"pegq.{n}.perm" in sd:
                 q.set_permutation(sd[f"pegq.{n}.perm"])
             for attr in ("x_min", "x_max"):

@@ -24,7 +24,9 @@ the tensor's last axis; the quantizer then returns ``q(x * m) / m`` (ranges esti
 activation read by Linear layers gets ``m = 1/s`` and those Linears' weight quantizers ``m = s`` (their
 input columns), so the integer matmul sees the per-tensor codes of ``x / s`` and of ``W diag(s)``:
 per-dim activation ranges moved into the weights. :mod:`pegq.smooth` picks ``s`` at calibration;
-``set_smooth`` sets it (a new ``m`` resets the range).
+``set_smooth`` sets it (a new ``m`` resets the range). An activation may also carry a per-dim ``shift``
+``z`` (Outlier Suppression+, Wei et al. 2023): it then returns ``q((x - z) * m) / m + z``, so each dim is
+centred before the per-tensor range is taken (the readers' biases absorb ``W z`` in an integer deployment).
 
 Bad input raises ``ValueError`` naming the quantizer, the offending value and what is allowed:
 bit-widths outside 2..16, PEG ``K`` not dividing ``d``, a permutation that is not one, empty or
@@ -123,7 +125,9 @@ class Quantizer(nn.Module):
         # used instead of round-to-nearest when set; dropped by reset()/estimate()
         self.register_buffer("round_offset", None)
         self.register_buffer("smooth", None)  # per-last-axis prescale m: q(x * m) / m (see the module docstring)
-        self.smooth_alpha: float | None = None  # activations: SmoothQuant migration strength (pegq.smooth)
+        self.register_buffer("shift", None)  # with smooth, per-last-axis centre z: q((x - z) * m) / m + z
+        self.smooth_alpha: float | str | None = None  # activations: migration strength or "auto" (pegq.smooth)
+        self.smooth_shift = False  # activations: also centre each dim (pegq.smooth)
         self.register_parameter("scale_param", None)
         self.register_parameter("zero_param", None)
         self._qcache = None
@@ -204,12 +208,16 @@ class Quantizer(nn.Module):
         if changed and (self.x_min is not None or self.scale_param is not None):
             self.reset()
 
-    def set_smooth(self, m: torch.Tensor | None) -> None:
+    def set_smooth(self, m: torch.Tensor | None, shift: torch.Tensor | None = None) -> None:
         """Set (or clear, ``None``) the prescale ``m`` along the last axis: the quantizer then returns
-        ``q(x * m) / m``. A different ``m`` resets the range (back to ESTIMATING)."""
+        ``q(x * m) / m`` (with a ``shift`` ``z``, same length: ``q((x - z) * m) / m + z``). A different ``m``
+        or ``z`` resets the range (back to ESTIMATING)."""
         if m is None:
-            changed = self.smooth is not None
+            if shift is not None:
+                raise ValueError(f"{self.name}: a shift needs a smoothing scale (pass both, or neither)")
+            changed = self.smooth is not None or self.shift is not None
             self.smooth = None
+            self.shift = None
         else:
             m = torch.as_tensor(m).detach()
             if m.ndim != 1 or m.numel() == 0 or not m.is_floating_point():
@@ -218,8 +226,17 @@ class Quantizer(nn.Module):
             if not bool(torch.isfinite(m).all()) or bool((m <= 0).any()):
                 raise ValueError(f"{self.name}: the smoothing scale must be finite and > 0 everywhere")
             m = m.to(torch.float32)
-            changed = self.smooth is None or not torch.equal(self.smooth.to(m.device), m)
+            if shift is not None:
+                shift = torch.as_tensor(shift).detach()
+                if shift.shape != m.shape or not shift.is_floating_point() or not bool(torch.isfinite(shift).all()):
+                    raise ValueError(f"{self.name}: the shift must be a finite float tensor shaped like the smoothing "
+                                     f"scale {tuple(m.shape)}, got dtype {shift.dtype} and shape {tuple(shift.shape)}")
+                shift = shift.to(device=m.device, dtype=torch.float32)
+            changed = self.smooth is None or not torch.equal(self.smooth.to(m.device), m) or (
+                (self.shift is None) != (shift is None)) or (
+                shift is not None and not torch.equal(self.shift.to(m.device), shift))
             self.smooth = m
+            self.shift = shift
         if changed:
             self.reset()
 
@@ -362,6 +379,10 @@ class Quantizer(nn.Module):
                     f"{tuple(x.shape)}; it applies along the last axis (re-calibrate for a new model)"
                 )
             m = m.to(device=x.device, dtype=x.dtype)
+            z = self.shift
+            if z is not None:
+                z = z.to(device=x.device, dtype=x.dtype)
+                return self._fake_quant((x - z) * m) / m + z
             return self._fake_quant(x * m) / m
         return self._fake_quant(x)
 
@@ -402,7 +423,7 @@ class Quantizer(nn.Module):
     ):
         # Ranges, permutation and learned parameters start as None (not in the state_dict); make
         # room for them so that a saved quantizer can be loaded into a fresh one.
-        for name in ("x_min", "x_max", "perm", "group_index", "round_offset", "smooth"):
+        for name in ("x_min", "x_max", "perm", "group_index", "round_offset", "smooth", "shift"):
             v = state_dict.get(prefix + name)
             if v is not None and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(v))
@@ -425,12 +446,13 @@ class Quantizer(nn.Module):
             "estimator": self.estimator.kind,
             "momentum": self.estimator.momentum,
             **({"smooth": self.smooth_alpha} if self.smooth_alpha is not None else {}),
+            **({"shift": True} if self.smooth_shift else {}),
         }
 
     def extra_repr(self) -> str:
         if not self.enabled:
             return f"{self.name}: off"
-        sq = " smoothed" if self.smooth is not None else ""
+        sq = (" smoothed+shifted" if self.shift is not None else " smoothed") if self.smooth is not None else ""
         return (
             f"{self.name}: {self.bits}b {'sym' if self.symmetric else 'asym'} "
             f"{self.granularity.describe()}{sq} {self.estimator.kind} {self.state.value}"
