@@ -565,21 +565,21 @@ def _fold_smooth(g: _Graph) -> tuple[int, int]:
             if m is None or m.shape != inv.shape or not np.allclose(m, inv, rtol=1e-5, atol=0):
                 ok = False
                 break
-            delta = None
+            delta = slot = None
             if zshift is not None:  # (D/m + z) diag(m) B' = D B' + (z m) B': W z moves into the bias
                 delta = _shift_bias(g, mul, cur, zshift * m)
                 slot = _bias_slot(g, mm)
-                if delta is None or slot is None or _constant(g, slot[0].input[slot[1]]).shape[-1:] != delta.shape:
+                if delta is None or slot is None or slot[2].shape[-1:] != delta.shape:
                     ok = False
                     break
-            rewire.append((mm, div.input[0], delta))
+            rewire.append((mm, div.input[0], delta, slot))
         if not ok:
             left += 1
             continue
-        for mm, dq_out, delta in rewire:
+        for mm, dq_out, delta, slot in rewire:
             mm.input[0] = dq_out
             if delta is not None:
-                _add_to_bias(g, mm, delta)
+                _add_to_bias(g, mm, delta, slot)
         _set_input(g, mul.output[0], mul.input[0])
         g.g.node.remove(mul)
         g.refresh()
@@ -606,12 +606,13 @@ def _shift_bias(g: _Graph, mul, cur, zm: np.ndarray) -> np.ndarray | None:
 
 
 def _bias_slot(g: _Graph, mm) -> tuple | None:
-    """``(Add node, input index)`` of the constant bias a matmul's output gets, or None."""
+    """``(Add node, input index, bias value)`` of the constant bias a matmul's output gets, or None."""
     cons = g.consumers.get(mm.output[0], [])
     if len(cons) != 1 or cons[0].op_type != "Add":
         return None
     k = next((i for i, n in enumerate(cons[0].input) if n != mm.output[0]), None)
-    return (cons[0], k) if k is not None and _constant(g, cons[0].input[k]) is not None else None
+    b = _constant(g, cons[0].input[k]) if k is not None else None
+    return (cons[0], k, b) if b is not None else None
 
 
 def _constant(g: _Graph, name: str) -> np.ndarray | None:
@@ -623,12 +624,12 @@ def _constant(g: _Graph, name: str) -> np.ndarray | None:
     return g.array(name)
 
 
-def _add_to_bias(g: _Graph, mm, delta: np.ndarray) -> None:
-    """Add ``delta`` to the constant bias of the matmul's output ``Add`` (as a new initializer)."""
+def _add_to_bias(g: _Graph, mm, delta: np.ndarray, slot: tuple) -> None:
+    """Add ``delta`` to the constant bias of the matmul's output ``Add`` (``slot``, from :func:`_bias_slot`) as a
+    new initializer."""
     from onnx import numpy_helper
 
-    add, k = _bias_slot(g, mm)
-    b = _constant(g, add.input[k])
+    add, k, b = slot
     name = f"{mm.name or mm.output[0]}.shifted_bias"
     g.g.initializer.append(numpy_helper.from_array(
         (b.astype(np.float64) + np.broadcast_to(delta, b.shape)).astype(np.float32), name))
@@ -1026,9 +1027,7 @@ class _Forced:
         s, z = q.qparams()
         s = s.reshape(())
         z = torch.zeros_like(s) if q.symmetric else z.reshape(())
-        m = q.smooth.to(x.device, x.dtype) if q.smooth is not None else None  # smoothed: codes of (x - z) * m
-        c = q.shift.to(x.device, x.dtype) if q.shift is not None else None
-        want = quantize_to_int(x if m is None else (x if c is None else x - c) * m, s, z, q.qmin, q.qmax)
+        want = quantize_to_int(q.smooth_in(x), s, z, q.qmin, q.qmax)  # smoothed: codes of (x - z) * m
         have = torch.from_numpy(self.codes.astype(np.int64))
         if tuple(have.shape) != tuple(want.shape):
             raise ExportError(f"{q.name}: ORT tensor {tuple(have.shape)} vs model {tuple(want.shape)}")
@@ -1038,8 +1037,7 @@ class _Forced:
             "frac_diff": float((diff > 0).float().mean()) if diff.numel() else 0.0,
             "elements": int(diff.numel()),
         }
-        out = dequantize(have, s, z).to(x.dtype)
-        return out if m is None else out / m if c is None else out / m + c
+        return q.unsmooth(dequantize(have, s, z).to(x.dtype))
 
 
 @torch.no_grad()

@@ -378,13 +378,22 @@ class Quantizer(nn.Module):
                     f"{self.name}: the smoothing scale has {m.numel()} entries but the tensor has shape "
                     f"{tuple(x.shape)}; it applies along the last axis (re-calibrate for a new model)"
                 )
-            m = m.to(device=x.device, dtype=x.dtype)
-            z = self.shift
-            if z is not None:
-                z = z.to(device=x.device, dtype=x.dtype)
-                return self._fake_quant((x - z) * m) / m + z
-            return self._fake_quant(x * m) / m
+            return self.unsmooth(self._fake_quant(self.smooth_in(x)))
         return self._fake_quant(x)
+
+    def smooth_in(self, x: torch.Tensor) -> torch.Tensor:
+        """What the grid quantizes: ``(x - z) * m`` (``x * m`` without a shift; ``x`` without smoothing)."""
+        if self.smooth is None:
+            return x
+        m = self.smooth.to(device=x.device, dtype=x.dtype)
+        return (x if self.shift is None else x - self.shift.to(device=x.device, dtype=x.dtype)) * m
+
+    def unsmooth(self, y: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`smooth_in` on the (de)quantized values: ``y / m + z``."""
+        if self.smooth is None:
+            return y
+        y = y / self.smooth.to(device=y.device, dtype=y.dtype)
+        return y if self.shift is None else y + self.shift.to(device=y.device, dtype=y.dtype)
 
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.state == QuantState.ESTIMATING:
