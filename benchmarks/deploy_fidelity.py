@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gptq", type=int, default=0, metavar="SEQUENCES",
                     help="also GPTQ the weights on this many training sequences (0: no)")
     ap.add_argument("--gptq-damp", type=float, default=0.01)
+    ap.add_argument("--gptq-asymmetric", action="store_true",
+                    help="GPTQ fits each layer to the FP32 model's output of it (pegq.gptq_model, asymmetric)")
+    ap.add_argument("--gptq-asym-damp", type=float, default=0.01)
     ap.add_argument("--gptq-cls-weight", type=float, default=1.0,
                     help="weight of each sequence's first token in GPTQ's Hessian")
     ap.add_argument("--bias-correction", type=int, default=0, metavar="SEQUENCES",
@@ -168,12 +171,13 @@ def main(argv=None) -> int:
     if args.gptq:
         qm, batches = calibrated([])
         t0 = time.time()
-        run = GPTQRun(num_samples=args.gptq, cls_weight=args.gptq_cls_weight, layer=GPTQConfig(damp=args.gptq_damp))
+        run = GPTQRun(num_samples=args.gptq, cls_weight=args.gptq_cls_weight, asymmetric=args.gptq_asymmetric,
+                      asym_damp=args.gptq_asym_damp, layer=GPTQConfig(damp=args.gptq_damp))
         rep = run_gptq(qm, task, tok, run, batches, progress=True)
         secs = time.time() - t0
         console.print(f"GPTQ: proxy loss sum {rep['proxy_nearest_sum']:.4g} (nearest) -> {rep['proxy_gptq_sum']:.4g}, "
                       f"{rep['layers_improved']}/{rep['layers']} layers lower, {secs:.0f} s")
-        name = f"GPTQ ({args.gptq} seq)"
+        name = f"GPTQ{' asymmetric' if args.gptq_asymmetric else ''} ({args.gptq} seq)"
         score(f"{name}, simulated", *predict(qm, loader, progress=False), gptq_s=secs)
         on_ort(qm, name)
 

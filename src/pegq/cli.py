@@ -190,6 +190,9 @@ def ptq(
                                        "2022, not in the paper) after calibration; instead of --adaround.")] = False,
     gptq_samples: Annotated[int, typer.Option(help="GPTQ calibration sequences.")] = 256,
     gptq_damp: Annotated[float, typer.Option(help="GPTQ dampening, a fraction of mean(diag H).")] = 0.01,
+    gptq_asymmetric: Annotated[bool, typer.Option(help="GPTQ fits each layer's quantized output to the FP32 "
+                                                  "model's output of that layer (its FP32 input), not to the FP32 "
+                                                  "weights on the quantized input.")] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ):
@@ -211,7 +214,8 @@ def ptq(
             from .gptq_model import GPTQRun
             from .quant.gptq import GPTQConfig
 
-            gq = GPTQRun(num_samples=gptq_samples, seed=cfg.calibration.seed, layer=GPTQConfig(damp=gptq_damp))
+            gq = GPTQRun(num_samples=gptq_samples, seed=cfg.calibration.seed, asymmetric=gptq_asymmetric,
+                         layer=GPTQConfig(damp=gptq_damp))
         r = run_ptq(model, task, cfg, output, overrides=override, data_dir=data_dir,
                     max_eval_examples=max_eval_examples, overwrite=overwrite, progress=not quiet,
                     task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels),

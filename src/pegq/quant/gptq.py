@@ -100,17 +100,25 @@ def gptq_offset(
     qmax: int,
     hessian: torch.Tensor,
     config: GPTQConfig | None = None,
+    base: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """GPTQ rounding of ``weight`` ``[out, in]`` on the grid ``(scale, zero, qmin, qmax)`` (``zero`` None:
     symmetric) for the input second moment ``hessian`` ``[in, in]`` (e.g. :class:`Hessian`).
 
+    ``base`` (default ``weight``): the weight the quantizer holds, when GPTQ is to round another target onto
+    its grid (the asymmetric least-squares target of :mod:`pegq.gptq_model`).
+
     Returns ``offset`` (int16 integers shaped like ``weight``, for
-    :func:`~pegq.quant.adaround.fake_quant_fixed_rounding`: code = ``floor(W/s) + offset``) and an info dict
-    with the proxy loss (:func:`proxy_loss`) of round-to-nearest and of GPTQ."""
+    :func:`~pegq.quant.adaround.fake_quant_fixed_rounding`: code = ``floor(base/s) + offset``) and an info
+    dict with the proxy loss (:func:`proxy_loss`, to ``weight``) of round-to-nearest of ``base`` and of
+    GPTQ."""
     cfg = config or GPTQConfig()
     if weight.ndim != 2:
         raise ValueError(f"GPTQ rounds 2-D Linear weights [out, in]; got shape {tuple(weight.shape)}")
     cols = weight.shape[1]
+    if base is not None and tuple(base.shape) != tuple(weight.shape):
+        raise ValueError(f"GPTQ base weight must be shaped like the weight {tuple(weight.shape)}; got "
+                         f"{tuple(base.shape)}")
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"GPTQ Hessian must be [{cols}, {cols}] for a weight with {cols} inputs; got "
                          f"{tuple(hessian.shape)}")
@@ -149,11 +157,12 @@ def gptq_offset(
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     code = torch.empty_like(out)
     code[:, perm] = out
-    offset = code - torch.floor(w0 * inv_s)
+    b0 = w0 if base is None else base.detach().float()
+    offset = code - torch.floor(b0 * inv_s)
     if offset.abs().max() > torch.iinfo(torch.int16).max:
         raise ValueError("GPTQ: a weight lies more than 32767 grid steps outside the grid; its range is broken")
     offset = offset.to(torch.int16)  # AdaRound's offsets are 0/1 (uint8); GPTQ's can be negative or > 1
-    nearest = codes(w0)
+    nearest = codes(b0)
     hd = hessian.detach().double()
     info = {
         "proxy_nearest": proxy_loss(w0, nearest * s, hd),
