@@ -21,8 +21,9 @@ model (every quantizer off), instead of ``||X W^T - X Q^T||^2``. The least-squar
 ``W* = W + W G (H + lambda I)^-1`` (``G = (X_fp - X)^T X``, :func:`asymmetric_target`) makes the two
 objectives differ by a constant, so GPTQ rounds ``W*`` for ``H`` on the grid calibrated for ``W``. It costs a
 second (FP32) pass per group. Measured (docs/results.md section 4): it lowers a layer's output error to FP32
-on the calibration rows (MiniLM W8A8, layer 1 FFN input: 0.277 -> 0.088 relative), but it did not raise the
-dev-logit cosine of MiniLM ``sq-gemm`` (0.9986, against 0.9990 with round-to-nearest). No preset uses it.
+on the calibration rows (MiniLM W8A8, layer 1 FFN input: 0.277 -> 0.088 relative). End to end it needs
+many rows per input: MiniLM ``sq-gemm`` dev-logit cosine 0.9986 with 128 sequences and ``asym_damp`` 0.01
+(plain GPTQ 0.9991), 0.9992 with 512 sequences and ``asym_damp`` 0.1. No preset uses it.
 
 Then the enabled activation quantizers are re-calibrated (:func:`pegq.adaround_model.recalibrate_activations`),
 since their ranges were estimated with round-to-nearest weights. Embedding tables keep round-to-nearest.
