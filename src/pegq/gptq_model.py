@@ -23,7 +23,8 @@ objectives differ by a constant, so GPTQ rounds ``W*`` for ``H`` on the grid cal
 second (FP32) pass per group. Measured (docs/results.md section 4): it lowers a layer's output error to FP32
 on the calibration rows (MiniLM W8A8, layer 1 FFN input: 0.277 -> 0.088 relative). End to end it needs
 many rows per input: MiniLM ``sq-gemm`` dev-logit cosine 0.9986 with 128 sequences and ``asym_damp`` 0.01
-(plain GPTQ 0.9991), 0.9992 with 512 sequences and ``asym_damp`` 0.1. No preset uses it.
+(plain GPTQ 0.9991), 0.9992 with 512 sequences and ``asym_damp`` 0.1; but MPNet ``sq-gemm`` falls to 0.9925
+(plain GPTQ 0.9984), where the outlier tokens dominate ``G``. No preset uses it.
 
 Then the enabled activation quantizers are re-calibrated (:func:`pegq.adaround_model.recalibrate_activations`),
 since their ranges were estimated with round-to-nearest weights. Embedding tables keep round-to-nearest.
