@@ -188,7 +188,7 @@ class _Hessians:
             raise RuntimeError(f"{type(module).__name__} was never called during the forward pass")
         if not self.asymmetric:
             return hess, None
-        g = torch.zeros_like(hess.h)
+        g = Hessian(module.in_features)  # the cross moment (X_fp - X)^T diag(r) X / sum(r)
         seen = [0]
 
         def cross(x, r):
@@ -196,16 +196,15 @@ class _Hessians:
             if k >= len(rows) or rows[k][0].shape != x.shape:
                 raise RuntimeError(f"{type(module).__name__}: the FP32 and the quantized forward passes gave "
                                    f"different input rows; asymmetric GPTQ needs them paired")
-            xq, rq = (t.to(device="cpu", dtype=torch.float64) if t is not None else None for t in rows[k])
-            e = x.to(device="cpu", dtype=torch.float64) - xq
-            g.add_((e if rq is None else e * rq[:, None]).T @ xq)
+            xq, rq = rows[k]
+            g.add(x.double() - xq.double(), rq, right=xq)
             seen[0] = k + 1
 
         self._inputs(module, block, True, cross)
         if seen[0] != len(rows):
             raise RuntimeError(f"{type(module).__name__}: the FP32 pass saw {seen[0]} batches, the quantized "
                                f"pass {len(rows)}")
-        return hess, g / hess.weight
+        return hess, g.h
 
 
 def asymmetric_target(w: torch.Tensor, h: torch.Tensor, g: torch.Tensor, damp: float) -> torch.Tensor:

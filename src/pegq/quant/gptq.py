@@ -44,17 +44,22 @@ class GPTQConfig:
 
 class Hessian:
     """Running ``X^T diag(r) X / sum(r)`` (float64) over calibration rows ``[n, in]`` of one layer's input,
-    with optional non-negative row weights ``r`` (default 1: ``X^T X / n``)."""
+    with optional non-negative row weights ``r`` (default 1: ``X^T X / n``); with ``right`` rows ``Y`` paired
+    with ``X``'s, the cross moment ``X^T diag(r) Y / sum(r)`` instead."""
 
     def __init__(self, columns: int):
         self.h = torch.zeros(columns, columns, dtype=torch.float64)
         self.rows = 0
         self.weight = 0.0
 
-    def add(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, row_weights: torch.Tensor | None = None, right: torch.Tensor | None = None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
         if x.shape[1] != self.h.shape[0]:
             raise ValueError(f"GPTQ Hessian has {self.h.shape[0]} columns but got rows of {x.shape[1]}")
+        y = x if right is None else right.detach().reshape(-1, right.shape[-1]).to(device="cpu", dtype=torch.float64)
+        if y.shape != x.shape:
+            raise ValueError(f"GPTQ cross moment needs paired rows of one shape; got {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
         n = x.shape[0]
         if n == 0:
             return
@@ -68,7 +73,7 @@ class Hessian:
         total = self.weight + w
         if total == 0:
             return
-        self.h.mul_(self.weight / total).add_(xr.T @ x, alpha=1.0 / total)
+        self.h.mul_(self.weight / total).add_(xr.T @ y, alpha=1.0 / total)
         self.weight = total
         self.rows += n
 
