@@ -193,6 +193,9 @@ def ptq(
     gptq_asymmetric: Annotated[bool, typer.Option(help="GPTQ fits each layer's quantized output to the FP32 "
                                                   "model's output of that layer (its FP32 input), not to the FP32 "
                                                   "weights on the quantized input.")] = False,
+    clipping: Annotated[bool, typer.Option("--clipping", help="Also split each activation quantizer's error on "
+                                           "the dev split into clipping (values outside the calibrated range) "
+                                           "and rounding; results.json key 'clipping'.")] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ):
@@ -219,9 +222,13 @@ def ptq(
         r = run_ptq(model, task, cfg, output, overrides=override, data_dir=data_dir,
                     max_eval_examples=max_eval_examples, overwrite=overwrite, progress=not quiet,
                     task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels),
-                    adaround=ada, gptq=gq)
+                    adaround=ada, gptq=gq, clipping=clipping)
         console.print(results_table([r]))
         console.print(size_text(r["size"]))
+        if clipping:
+            from .analysis.clipping import clipping_table
+
+            console.print(clipping_table(r["clipping"]))
         console.print(f"results -> {Path(output) / 'results.json'}")
 
     _run(job)

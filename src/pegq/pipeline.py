@@ -62,8 +62,11 @@ def run_ptq(
     task_kwargs: dict | None = None,
     adaround=None,
     gptq=None,
+    clipping: bool = False,
 ) -> dict:
-    """``adaround``: a :class:`pegq.adaround_model.AdaRoundRun` to learn the weights' rounding after
+    """``clipping``: also split each activation quantizer's error on the dev split into clipping and rounding
+    (:func:`pegq.analysis.clipping.clipping_report`, ``result["clipping"]``; ``pegq ptq --clipping``).
+    ``adaround``: a :class:`pegq.adaround_model.AdaRoundRun` to learn the weights' rounding after
     calibration (``pegq ptq --adaround``; resumable through ``<output>/.adaround-state``); ``gptq``: a
     :class:`pegq.gptq_model.GPTQRun` to round them with GPTQ instead (``pegq ptq --gptq``; resumable through
     ``<output>/.gptq-state``)."""
@@ -102,6 +105,13 @@ def run_ptq(
     q_score = evaluate(qm, loader, task.spec, progress=progress, desc=f"{cfg.name} eval")
     timings["quant_eval_s"] = time.perf_counter() - t1
     timings["ptq_total_s"] = time.perf_counter() - t0
+    clip = None
+    if clipping:
+        from .analysis.clipping import clipping_report
+
+        t1 = time.perf_counter()
+        clip = clipping_report(qm, loader, progress=progress)
+        timings["clipping_s"] = time.perf_counter() - t1
     summary = quantizer_summary(qm)
     result = {
         "task": task.spec.name,
@@ -127,6 +137,8 @@ def run_ptq(
     if gptq_info is not None:
         result["config_name"] = f"{cfg.name}+gptq"
         result["gptq"] = gptq_info
+    if clip is not None:
+        result["clipping"] = clip
     if output_dir is not None:
         atomic_write_json(Path(out) / "results.json", result)
         if adaround_info is not None:

@@ -99,3 +99,16 @@ def test_small_real_finetune_then_ptq(minilm_path, tmp_path):
         if preset == "w8a32":  # 8-bit weights alone barely move accuracy
             assert abs(r["delta"]) <= 3.0
     assert r["quantizers"]["activation_quantizers"] == 83
+
+
+def test_ptq_clipping_report(minilm_path, tmp_path):
+    """`pegq ptq --clipping`: each activation quantizer's dev-split error split into clipping and rounding."""
+    out = tmp_path / "o"
+    res = run("ptq", "-m", minilm_path, "-t", "rotten_tomatoes", "-o", str(out), "-p", "sq-gemm",
+              "--max-eval-examples", "32", "--calib-batches", "2", "--clipping", "-q")
+    assert res.exit_code == 0, res.output
+    assert "clipping vs rounding" in res.output
+    clip = json.loads((out / "results.json").read_text())["clipping"]
+    assert len(clip["rows"]) > 10 and clip["total"]["elements"] == sum(r["elements"] for r in clip["rows"])
+    # 2 calibration sentences cannot cover 32 others: some values fall outside the calibrated ranges
+    assert clip["total"]["clipped"] > 0 and 0.0 < clip["total"]["clip_share"] < 1.0

@@ -72,6 +72,7 @@ The statistics are pure functions in :mod:`pegq.analysis.stats` (``kurtosis``, `
 in :mod:`pegq.analysis.figures`.
 """
 
+from .clipping import clipping_report, clipping_table
 from .run import make_figures, run_analysis
 from .stats import (
     DEFAULT_SIGMA,
@@ -98,6 +99,8 @@ __all__ = [
     "OutlierCounts",
     "attention_mass_on",
     "attention_share",
+    "clipping_report",
+    "clipping_table",
     "dim_ranges",
     "head_slice",
     "kurtosis",
