@@ -119,7 +119,7 @@ def clipping_table(report: dict, top: int = 12):
 
     t = Table(title=f"Activation error on held-out data: clipping vs rounding (top {top} by clipped energy)")
     for col in ("quantizer", "clipped share of error", "clipped elements", "max error (steps)"):
-        t.add_column(col, justify="left" if col == "quantizer" else "right")
+        t.add_column(col, justify="left" if col == "quantizer" else "right", overflow="fold")
     for r in [*report["rows"][:top], report["total"]]:
         t.add_row(r["name"], f"{r['clip_share']:.3f}", f"{r['clipped']} / {r['elements']}",
                   f"{r['max_error_steps']:.1f}")
