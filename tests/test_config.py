@@ -129,3 +129,28 @@ def test_outlier_group_token_round_trips():
     assert parse_override("x=peg6p").outliers == 0
     with pytest.raises(ConfigError, match="K >= 2"):
         parse_override("x=peg1po4")
+
+
+def test_per_token_override_keeps_smoothing_and_is_refused_on_weights(minilm_path):
+    """``token``: dynamic per-token activation ranges; with ``sq<alpha>`` the smoothing stays (it acts before the
+    grid); a weight quantizer is refused with the reason."""
+    import pegq
+    from pegq.models import load_model
+    from pegq.quant import PerToken
+
+    o = parse_override("encoder.layer.*.attn.layernorm=token,sq0.8")
+    assert (o.granularity, o.smooth) == ("token", 0.8)
+    assert parse_override(o.text()) == o
+    s = o.apply(QuantizerSettings())
+    assert s.make_granularity() == PerToken() and s.smooth == 0.8
+    assert QuantizerSettings(granularity="token", smooth=0.8).short() == "8b,asym,token,sq0.8,current_minmax"
+    cfg = get_preset("sq-token-gemm")
+    model, _ = load_model(minilm_path, num_labels=2)
+    qm = pegq.quantize(model, cfg)
+    tok = {n for n, q in qm.activation_quantizers().items() if q.enabled and q.granularity == PerToken()}
+    assert "embeddings.layernorm" in tok and "encoder.layer.5.ffn.intermediate" in tok
+    assert "encoder.layer.0.attn.context" in tok and "encoder.layer.0.attn.query" not in tok
+    assert qm.quantizers["encoder.layer.0.attn.layernorm"].smooth_alpha == 0.8
+    with pytest.raises(ConfigError, match=r"attn\.query\.weight: per-token \(dynamic\) ranges are for activations"):
+        pegq.quantize(load_model(minilm_path, num_labels=2)[0], "w8a8",
+                      overrides=["encoder.layer.0.attn.query.weight=token"])

@@ -107,7 +107,7 @@ def test_smoothing_config_round_trips_and_bad_settings_say_why():
         cfg.settings_for("encoder.layer.1.ffn.layernorm", False).smooth > 0
     with pytest.raises(ConfigError, match=r"sq1\.5.*migration strength in \(0, 1\]"):
         parse_override("x=sq1.5")
-    with pytest.raises(ConfigError, match=r"needs a per-tensor quantizer"):
+    with pytest.raises(ConfigError, match=r"needs a per-tensor \(or per-token\) quantizer"):
         pegq.config.QuantizerSettings(granularity="peg", groups=2, smooth=0.5)
     # an inherited smoothing ends when the granularity changes
     assert cfg.with_overrides(["encoder.layer.1.ffn.layernorm=peg2po16"]).settings_for(

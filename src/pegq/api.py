@@ -45,6 +45,9 @@ def apply_config(qm: QuantizedModel, cfg: QuantConfig) -> dict:
         if s.smooth is not None and names[n] and s.bits is not None:
             raise ConfigError(f"{n}: smoothing ({sq_token(s.smooth)}) applies to activations, not weights: put it "
                               f"on the activation the Linear reads (its weight quantizer follows at calibration)")
+        if s.granularity == "token" and names[n] and s.bits is not None:
+            raise ConfigError(f"{n}: per-token (dynamic) ranges are for activations, not weights; use tensor or "
+                              f"channel for weights")
     for n, s in settings.items():
         qm.quantizers[n].smooth_alpha = s.smooth if s.bits is not None else None
         qm.quantizers[n].smooth_shift = bool(s.shift) and s.bits is not None

@@ -20,6 +20,8 @@ TOKENs, case-insensitive:
 ``off``                no quantization (FP32 pass-through)
 ``a16`` ``w4`` ``8``   bit-width (the ``a``/``w`` prefix is only for readability)
 ``tensor``             per-tensor granularity
+``token``              activations only: dynamic per-token ranges (one range per vector along
+                       the last axis, taken at run time; not in the paper)
 ``channel[AXIS]``      per-channel (default axis 0)
 ``emb``/``embedding``  per-embedding (last dim, paper eq. 4)
 ``peg<K>``             per-embedding-group with K groups (eq. 5); ``peg<K>p`` adds the
@@ -72,7 +74,8 @@ Presets (``pegq presets``; a preset name goes wherever a config path does):
   ``peg-outlier-gemm`` (+ per-channel encoder weights, per-embedding-dim embedding tables and a 16-dim
   outlier group, ``peg2po16``, on the FFN input and the FFN hidden activation), ``sq-gemm`` (as
   ``peg-outlier-gemm``, but every LayerNorm output a matmul reads -- Q/K/V input and FFN input -- per-tensor
-  with smoothing, ``sq0.8``, instead of PEG).
+  with smoothing, ``sq0.8``, instead of PEG), ``sq-token-gemm`` (as ``sq-gemm`` with dynamic per-token
+  ranges on every encoder Linear's input).
 """
 
 from __future__ import annotations
@@ -94,9 +97,10 @@ from .quant.granularity import (
     PerEmbedding,
     PerEmbeddingGroup,
     PerTensor,
+    PerToken,
 )
 
-GRANULARITIES = ("tensor", "channel", "embedding", "peg")
+GRANULARITIES = ("tensor", "channel", "embedding", "token", "peg")
 
 
 class ConfigError(ValueError):
@@ -138,9 +142,9 @@ class QuantizerSettings:
                                           or not 0 < self.smooth <= 1):
                 raise ConfigError(f"smooth={self.smooth!r} is not allowed; use a migration strength in (0, 1], "
                                   f"e.g. sq0.8, \"auto\" (sqauto), or null (no smoothing)")
-            if self.granularity != "tensor":
-                raise ConfigError(f"smoothing ({sq_token(self.smooth)}) needs a per-tensor quantizer, not "
-                                  f"{self.granularity}: it exists to keep one scale per tensor")
+            if self.granularity not in ("tensor", "token"):
+                raise ConfigError(f"smoothing ({sq_token(self.smooth)}) needs a per-tensor (or per-token) quantizer, "
+                                  f"not {self.granularity}: it exists to keep one scale per tensor")
         if not isinstance(self.shift, bool):
             raise ConfigError(f"shift={self.shift!r} is not allowed; use true or false")
         if self.shift and self.smooth is None:
@@ -159,12 +163,14 @@ class QuantizerSettings:
             return PerChannel(self.axis)
         if self.granularity == "embedding":
             return PerEmbedding()
+        if self.granularity == "token":
+            return PerToken()
         return PerEmbeddingGroup(self.groups, self.permute, self.outliers)
 
     def short(self) -> str:
         if self.bits is None:
             return "off"
-        g = {"tensor": "tensor", "channel": f"channel{self.axis}", "embedding": "emb"}.get(
+        g = {"tensor": "tensor", "channel": f"channel{self.axis}", "embedding": "emb", "token": "token"}.get(
             self.granularity, _peg_token(self.groups, self.permute, self.outliers)
         )
         sq = f",{sq_token(self.smooth)}{',shift' if self.shift else ''}" if self.smooth is not None else ""
@@ -198,7 +204,7 @@ class Override:
                 changes[f] = v
         if self.smooth != "keep":
             changes["smooth"] = self.smooth
-        elif changes.get("granularity", "tensor") != "tensor" or changes.get("bits", 8) is None:
+        elif changes.get("granularity", "tensor") not in ("tensor", "token") or changes.get("bits", 8) is None:
             changes["smooth"] = None  # a new granularity (or off) ends an inherited smoothing
         if self.shift is not None:
             changes["shift"] = self.shift
@@ -221,6 +227,8 @@ class Override:
             toks.append("emb")
         elif self.granularity == "tensor":
             toks.append("tensor")
+        elif self.granularity == "token":
+            toks.append("token")
         if self.estimator:
             toks.append({"current_minmax": "minmax", "running_minmax": "running"}.get(
                 self.estimator, self.estimator))
@@ -275,6 +283,8 @@ def parse_override(text: str) -> Override:
             o.bits = b
         elif t == "tensor":
             o.granularity = "tensor"
+        elif t == "token":
+            o.granularity = "token"
         elif t in ("emb", "embedding"):
             o.granularity = "embedding"
         elif m := _PEG_RE.match(t):
@@ -643,6 +653,16 @@ _DEPLOY: dict[str, tuple[str, list[str]]] = {
                 [f"{FFN_INPUT}=tensor,sq0.8", f"{QKV_INPUT}=sq0.8,optional", "embeddings.layernorm=sq0.8,optional",
                  f"{FFN_HIDDEN}=peg2po16", "encoder.layer.*.weight=channel", "embeddings.*.weight=channel1,optional",
                  *HEAD_INPUT_FLOAT]),
+    "sq-token-gemm": ("int8 deployment (not in the paper): as sq-gemm, but every encoder Linear's input -- the "
+                      "Q/K/V input, the attention context (output projection input), the FFN input and the FFN "
+                      "hidden activation -- quantized per token with dynamic ranges (min/max of each token's vector "
+                      "at run time, SmoothQuant's per-token setting), smoothing kept on the LayerNorm outputs; the "
+                      "two attention matmuls keep static per-tensor operands; exported as int8 matmuls with a "
+                      "per-row scale (MatMulIntegerToFloat) and a per-row zero-point correction",
+                      [f"{FFN_INPUT}=token,sq0.8", f"{QKV_INPUT}=token,sq0.8,optional",
+                       "embeddings.layernorm=token,sq0.8,optional", f"{FFN_HIDDEN}=token",
+                       "*.attn.context=token,optional",
+                       "encoder.layer.*.weight=channel", "embeddings.*.weight=channel1,optional", *HEAD_INPUT_FLOAT]),
 }
 
 

@@ -73,3 +73,17 @@ def test_uncalibrated_model_is_refused(model_and_tok, rt_sentences):
     with pytest.raises(ValueError, match="not calibrated"):
         clipping_report(qm, [_batch(tok, rt_sentences[:2])], progress=False)
     assert torch.is_grad_enabled()
+
+
+def test_per_token_quantizers_never_clip_on_held_out_data(model_and_tok, rt_sentences, one_thread):
+    """``sq-token-gemm``: the per-token quantizers take each token's range at run time, so on sentences they were
+    not calibrated on they clip nothing, and every error is within half of that token's own step."""
+    model, tok = model_and_tok
+    qm = _calibrated(model, _batch(tok, rt_sentences[:4]), preset="sq-token-gemm")
+    rep = clipping_report(qm, [_batch(tok, rt_sentences[40:56])], progress=False)
+    token = {n for n, q in qm.activation_quantizers().items() if q.enabled and q.granularity.dynamic}
+    rows = {r["name"]: r for r in rep["rows"]}
+    assert len(token) == 6 * 4 + 1 and token <= set(rows)
+    for n in token:
+        assert rows[n]["clipped"] == 0 and rows[n]["max_error_steps"] <= 0.5 + 1e-3, rows[n]
+    assert sum(rows[n]["clipped"] for n in set(rows) - token) > 0  # the static ones do clip there

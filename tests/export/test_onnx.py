@@ -13,6 +13,7 @@ import pegq
 from pegq.export.onnx import (
     ExportError,
     export_onnx,
+    feeds,
     kernel_report,
     metadata,
     per_tensor_parity,
@@ -372,17 +373,23 @@ def test_smoothed_layernorm_outputs_export_on_every_family(family, shift, tmp_pa
     assert par["forced_output_max_abs_diff"] <= 1e-5
 
 
-def test_minilm_sq_gemm_runs_every_linear_on_int8_kernels(minilm, tmp_path):
-    """The real MiniLM with ``sq-gemm``: Q/K/V and the first FFN Linear read smoothed per-tensor codes; per
-    layer 9 int8 matmuls (Q, K, V, attention output, FFN input, FFN hidden bulk + outliers, the two attention
-    matmuls), one fewer than ``peg-outlier-gemm``; per-tensor parity on uint8 weights."""
+def _minilm_calibrated(minilm, preset: str):
+    """A copy of the real MiniLM with ``preset``, calibrated on four review sentences; ``(qm, tokenizer)``."""
     import copy
 
     model, tok = minilm
     calib = ["a gorgeous, witty, seductive movie.", "the story is predictable and the characters are thin.",
              "it's a charming and often affecting journey.", "unfunny and lame."]
-    qm = pegq.quantize(copy.deepcopy(model), "sq-gemm")
+    qm = pegq.quantize(copy.deepcopy(model), preset)
     pegq.calibrate(qm, [dict(tok(calib, padding=True, return_tensors="pt"))], progress=False)
+    return qm, tok
+
+
+def test_minilm_sq_gemm_runs_every_linear_on_int8_kernels(minilm, tmp_path):
+    """The real MiniLM with ``sq-gemm``: Q/K/V and the first FFN Linear read smoothed per-tensor codes; per
+    layer 9 int8 matmuls (Q, K, V, attention output, FFN input, FFN hidden bulk + outliers, the two attention
+    matmuls), one fewer than ``peg-outlier-gemm``; per-tensor parity on uint8 weights."""
+    qm, tok = _minilm_calibrated(minilm, "sq-gemm")
     exact = export_onnx(qm, tmp_path / "sq-gemm-u8.onnx", weight_dtype="uint8")
     assert exact["folds"]["smooth"] == 6 * 4 and exact["folds"]["smooth_left"] == 0
     assert kernel_report(exact["path"])["int8_kernels"] == 6 * 9
@@ -404,3 +411,75 @@ def test_smoothing_inside_a_peg_split_ffn_block_says_why(tmp_path, one_thread):
     with pytest.raises(ExportError, match=r"encoder\.layer\.0\.ffn\.intermediate\.weight: smoothed weights.*not both"):
         export_onnx(qm, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_minilm_sq_token_gemm_runs_per_token_codes_on_int8_kernels(minilm, tmp_path):
+    """The real MiniLM with ``sq-token-gemm``: every encoder Linear reads uint8 codes quantized per token at run
+    time (ReduceMin/ReduceMax per row), through an integer matmul ORT fuses into ``MatMulIntegerToFloat`` with a
+    per-row scale, plus the rank-1 zero-point term; per-tensor parity (teacher-forced: ORT's per-row codes against
+    what each quantizer makes of its own input) and the free-running logits match the simulation."""
+    import onnx
+
+    qm, tok = _minilm_calibrated(minilm, "sq-token-gemm")
+    info = export_onnx(qm, tmp_path / "sq-token.onnx", weight_dtype="uint8")
+    assert info["folds"]["token_matmul"] == 6 * 6 and info["folds"]["token_matmul_left"] == 0
+    assert info["folds"]["smooth"] == 6 * 4 and info["folds"]["smooth_left"] == 0
+    graph = onnx.load(info["path"]).graph
+    assert not [n for n in graph.node if n.op_type == "MatMul" and "ffn" in n.name and "attention" not in n.name]
+    assert len([n for n in graph.node if n.op_type == "ReduceMin"]) == 6 * 4 + 1  # LN outputs x2, context, hidden
+    assert kernel_report(info["path"])["int8_kernels"] == 6 * 8
+    meta = metadata(info["path"])["pegq.quantizers"]
+    assert meta["encoder.layer.1.ffn.intermediate"]["granularity"] == "token"
+    assert meta["encoder.layer.1.ffn.intermediate"]["scale"] is None
+    batch = dict(tok(["dull", "an utterly charming and hilarious film that reaches for the stars"], padding=True,
+                     return_tensors="pt"))
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    token = [n for n, v in meta.items() if v.get("granularity") == "token"]
+    assert len(token) == 6 * 4 + 1
+    assert max(par["tensors"][n]["max_steps"] for n in token) <= 1, par["tensors"]
+    assert all(r["frac_diff"] <= 0.01 for r in par["tensors"].values()), par["tensors"]
+    assert par["forced_output_max_abs_diff"] <= 1e-4
+    assert par["output_max_abs_diff"] <= 0.05
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
+def test_per_token_activations_export_on_every_family(family, tmp_path, one_thread):
+    """``sq-token-gemm`` on a random-init model of each family: every per-token quantizer's readers become integer
+    matmuls (none left in float), and ORT matches the simulation per tensor."""
+    from models_helpers import pad_id_of, padded_batch, tiny_model
+
+    m = tiny_model(family, True)
+    qm = pegq.quantize(m, "sq-token-gemm")
+    pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
+    info = export_onnx(qm, tmp_path / f"{family}.onnx", weight_dtype="uint8")
+    assert info["folds"]["token_matmul"] > 0 and info["folds"]["token_matmul_left"] == 0, info["folds"]
+    par = per_tensor_parity(prepare(qm), info["path"], padded_batch(pad_id_of(m), seed=2))
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert par["max_steps"] <= 1, par["tensors"]
+    assert par["forced_output_max_abs_diff"] <= 1e-5
+
+
+def test_symmetric_per_token_activations_say_why_not_exportable(tmp_path, one_thread):
+    qm, _ = _tiny("w8a8", ["encoder.layer.0.ffn.intermediate=token,sym"])
+    with pytest.raises(ExportError, match=r"encoder\.layer\.0\.ffn\.intermediate: per-token \(dynamic\) activations "
+                                          r"export as asymmetric uint8"):
+        export_onnx(qm, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_per_token_below_8_bits_clips_codes_to_its_grid(tmp_path, one_thread):
+    """A 7-bit per-token quantizer: codes 0..127 (a ``Clip`` before the uint8 ``QuantizeLinear``, which would
+    saturate at 255 only), matching the simulation per tensor."""
+    import onnx
+
+    qm, batch = _tiny("sq-token-gemm", ["encoder.layer.*intermediate=7"])
+    info = export_onnx(qm, tmp_path / "t7.onnx", weight_dtype="uint8")
+    names = {n.name for n in onnx.load(info["path"]).graph.node}
+    assert "encoder.layer.0.ffn.intermediate/ClipCodes" in names
+    assert "encoder.layer.0.attn.layernorm/ClipCodes" not in names
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["max_steps"] <= 1 and par["forced_output_max_abs_diff"] <= 1e-5, par["tensors"]
+    sess = session(info["path"], extra_outputs=["encoder.layer.0.ffn.intermediate.q"])
+    codes = sess.run(["encoder.layer.0.ffn.intermediate.q"], feeds(batch, metadata(info["path"])["pegq.inputs"]))[0]
+    assert codes.max() <= 127 and codes.max() >= 120

@@ -135,3 +135,22 @@ def test_smoothed_weights_round_trip_is_identical(tmp_path, one_thread):
             assert (q.shift is None and loaded.quantizers[n].shift is None) or torch.equal(
                 loaded.quantizers[n].shift, q.shift), n
             assert loaded.quantizers[n].smooth_shift == q.smooth_shift, n
+
+
+def test_per_token_quantizers_round_trip(tmp_path, one_thread):
+    """``sq-token-gemm``: the per-token (dynamic) activation quantizers come back as such (no stored range is
+    used to quantize), with their smoothing: same outputs."""
+    from models_helpers import pad_id_of, padded_batch, tiny_model
+
+    from pegq.quant import PerToken
+
+    m = tiny_model("bert", True)
+    qm = pegq.quantize(m, "sq-token-gemm")
+    pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
+    save_packed(qm, tmp_path / "p")
+    loaded, _ = load_packed(tmp_path / "p")
+    assert loaded.quantizers["encoder.layer.1.ffn.intermediate"].granularity == PerToken()
+    assert loaded.quantizers["encoder.layer.1.attn.layernorm"].smooth is not None
+    batch = padded_batch(pad_id_of(m), seed=2)
+    with torch.no_grad():
+        assert torch.equal(main_output(qm(**batch)), main_output(loaded(**batch)))

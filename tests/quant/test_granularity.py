@@ -183,5 +183,60 @@ def test_bad_granularity_arguments():
         PerEmbeddingGroup(2.5)
     with pytest.raises(ValueError, match="integer"):
         PerChannel(1.0)
-    with pytest.raises(ValueError, match="allowed: tensor, channel, embedding, peg"):
+    with pytest.raises(ValueError, match="allowed: tensor, channel, embedding, token, peg"):
         granularity_from_dict({"kind": "rows"})
+
+
+# ----------------------------------------------------------------------------- dynamic per-token
+
+
+@SETTINGS
+@given(
+    rows=st.integers(1, 6),
+    d=st.integers(1, 40),
+    scale=st.floats(1e-3, 1e3),
+    shift=st.floats(-5, 5),
+    seed=st.integers(0, 2**16),
+    symmetric=st.booleans(),
+)
+def test_per_token_error_is_half_a_step_of_each_tokens_own_range(rows, d, scale, shift, seed, symmetric):
+    """Every token (vector along the last axis) is quantized on the grid of its own range, taken at run time:
+    no element clips, each is within half of *its token's* step, and a row never depends on another row."""
+    from pegq.quant import PerToken, qparams_from_range
+
+    x = _x((rows, 3, d), seed) * scale + shift
+    x[0, 0] *= 50  # one loud token must not coarsen the others
+    q = Quantizer("t", 8, symmetric, PerToken())
+    q(x[:1])  # calibration (records a per-tensor range only)
+    q.freeze()
+    y = q(x)
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    s, _ = qparams_from_range(lo, hi, 8, symmetric)
+    assert torch.all((y - x).abs() <= s / 2 * (1 + 1e-4) + 1e-6 * x.abs())
+    alone = q(x[1:2, 1:2]) if rows > 1 else q(x[:1, 1:2])
+    assert torch.equal(alone, y[1:2, 1:2] if rows > 1 else y[:1, 1:2])
+
+
+def test_per_token_codes_fill_the_grid_and_round_trip():
+    from pegq.quant import PerToken
+
+    q = Quantizer("t", 8, False, PerToken())
+    x = _x((2, 4, 64), 3, outlier_dim=5)
+    q(x)
+    q.freeze()
+    s, z = q.token_qparams(x)
+    assert s.shape == z.shape == (2, 4, 1)
+    codes = torch.round(x / s) + z
+    assert codes.min() >= 0 and codes.max() <= 255
+    assert (codes.amax(-1) - codes.amin(-1)).min() >= 254  # every token spans (nearly) the whole grid
+    assert granularity_from_dict(PerToken().to_dict()) == PerToken()
+    assert q.num_qparams() == 2 and q.spec()["granularity"] == {"kind": "token"}
+
+
+def test_per_token_has_no_range_to_learn():
+    from pegq.quant import PerToken
+
+    q = Quantizer("ffn.hidden", 8, False, PerToken())
+    q(_x((2, 3, 8)))
+    with pytest.raises(ValueError, match=r"ffn\.hidden: a per-token \(dynamic\) quantizer has no range to learn"):
+        q.learn_ranges()

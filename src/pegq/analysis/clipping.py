@@ -50,9 +50,12 @@ class ClipStats:
 
 def element_steps(q, x: torch.Tensor) -> torch.Tensor:
     """The quantization step of every element of ``x`` under quantizer ``q`` (broadcastable to ``x``),
-    in ``x``'s own units (smoothing undone)."""
-    scale, _ = q.qparams()
-    step = q.granularity.broadcast(scale.detach().to(x.device, x.dtype), x, q.group_index).abs()
+    in ``x``'s own units (smoothing undone). Per-token (dynamic) quantizers: each token's own step."""
+    if q.granularity.dynamic:
+        step = q.token_qparams(q.smooth_in(x))[0].to(x.dtype).abs()
+    else:
+        scale, _ = q.qparams()
+        step = q.granularity.broadcast(scale.detach().to(x.device, x.dtype), x, q.group_index).abs()
     if q.smooth is not None:
         step = step / q.smooth.to(device=x.device, dtype=x.dtype).abs()
     return step

@@ -32,6 +32,10 @@ How a calibrated :class:`~pegq.models.QuantizedModel` becomes a QDQ ONNX model:
      scales cancel), so only the float consumers (the residual sum) see the ``Div``; a shifted one
      (``shift``) adds ``Sub(z)`` before the ``Mul`` and ``Add(z)`` after the ``Div``, and the fold adds
      ``W z`` to each reader's bias;
+   * a per-token (dynamic) activation -> per-row ``ReduceMin``/``ReduceMax``, scale and zero-point as ONNX ops,
+     uint8 codes (:func:`_token_nodes`); every Linear reading it -> ``MatMulInteger`` on the codes with a per-row
+     scale and a rank-1 zero-point term (:func:`_lower_token_matmuls`; ORT fuses it into
+     ``MatMulIntegerToFloat``);
    * a weight ``Transpose`` is folded into the integers; an embedding lookup ``Gather(DQ(table))``
      becomes ``DQ(Gather(int table))`` (only the looked-up rows are dequantized; per-tensor tables and
      tables with one scale per embedding dim, ``channel1``); the split/concat
@@ -100,6 +104,13 @@ def check_exportable(qm: QuantizedModel) -> None:
         if qm.kind(n) == "weight":
             if not isinstance(g, PerTensor | PerChannel):
                 raise ExportError(f"{n}: {g.describe()} weights have no ONNX form; use per-tensor or per-channel")
+            continue
+        if g.dynamic:
+            if q.bits > 8 or q.symmetric:
+                raise ExportError(
+                    f"{n}: per-token (dynamic) activations export as asymmetric uint8 codes only (ONNX Runtime's "
+                    f"MatMulInteger reads uint8 rows with a per-row scale); use 2-8 bits, asym, for this quantizer"
+                )
             continue
         if not isinstance(g, PerTensor):
             raise ExportError(
@@ -445,10 +456,11 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
                          "shape": list(codes.shape), "axis": axis, "smoothed": q.smooth is not None}
         else:
             s_name, z_name, q_out = f"{tag}.scale", f"{tag}.zero_point", f"{tag}.q"
-            new_inits += [
-                helper.make_tensor(s_name, 1, [], [float(s[0])]),
-                _int_tensor(np.array(z[0], dtype=np_dtype), z_name, dtype),
-            ]
+            if not q.granularity.dynamic:
+                new_inits += [
+                    helper.make_tensor(s_name, 1, [], [float(s[0])]),
+                    _int_tensor(np.array(z[0], dtype=np_dtype), z_name, dtype),
+                ]
             x_in, dq_out = node.input[0], node.output[0]
             if q.smooth is not None:
                 # q(x * m) / m with m = 1/s: Mul(m) -> per-tensor QuantizeLinear -> DequantizeLinear -> Div(m).
@@ -467,10 +479,15 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
                     new_nodes.append(helper.make_node("Sub", [node.input[0], shift_name], [src_in],
                                                       name=f"{tag}/ShiftIn"))
                 new_nodes.append(helper.make_node("Mul", [src_in, m_name], [x_in], name=f"{tag}/SmoothIn"))
-            new_nodes.append(helper.make_node("QuantizeLinear", [x_in, s_name, z_name], [q_out],
-                                              name=f"{tag}/QuantizeLinear"))
-            new_nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
-                                              name=f"{tag}/DequantizeLinear"))
+            if q.granularity.dynamic:
+                nodes, inits = _token_nodes(tag, x_in, q_out, dq_out, q)
+                new_nodes += nodes
+                new_inits += inits
+            else:
+                new_nodes.append(helper.make_node("QuantizeLinear", [x_in, s_name, z_name], [q_out],
+                                                  name=f"{tag}/QuantizeLinear"))
+                new_nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
+                                                  name=f"{tag}/DequantizeLinear"))
             if q.smooth is not None:
                 div_out = node.output[0] if q.shift is None else f"{tag}.unsmoothed"
                 new_nodes.append(helper.make_node("Div", [dq_out, m_name], [div_out], name=f"{tag}/SmoothOut"))
@@ -480,6 +497,10 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
             info[tag] = {"kind": "activation", "bits": q.bits, "dtype": _dtype_name(dtype), "tensor": q_out,
                          "scale": float(s[0]), "zero_point": int(z[0]), "symmetric": q.symmetric,
                          "smoothed": q.smooth is not None, "shifted": q.shift is not None}
+            if q.granularity.dynamic:  # no constant scale: per-row tensors computed at run time
+                info[tag].update(granularity="token", scale=None, zero_point=None, scale_tensor=f"{tag}.row_scale",
+                                 zero_point_tensor=f"{tag}.row_zero_point", dequantized=dq_out,
+                                 centre=f"{tag}.centre", centre_u8=f"{tag}.centre_u8")
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(new_inits)
@@ -488,6 +509,139 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
     model.graph.initializer.extend(keep)
     names_map.update(info)
     return info
+
+
+def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer) -> tuple[list, list]:
+    """Dynamic per-token asymmetric 8-bit quantization as ONNX ops, the same arithmetic as the simulation
+    (:meth:`~pegq.quant.Quantizer.token_qparams` and :func:`~pegq.quant.fake_quant`): per row of the last axis
+    ``lo = min(min x, 0)``, ``hi = max(max x, 0)``, ``s = max((hi - lo) / 255, eps)``, ``z = clip(round(-lo / s),
+    0, 255)``; codes ``q = sat_uint8(round(x * (1 / s) + z))`` (``{tag}.q``); the dequantized ``(q - z) * s`` for
+    float readers (``dq_out``). :func:`_lower_token_matmuls` then feeds the codes to the integer matmuls."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    from ..quant.functional import EPS_SCALE
+
+    lo_q, hi_q = q.qmin, q.qmax
+    centre = int(qparams_numpy(q)[1][0])
+    c = {k: f"{tag}.{k}" for k in ("axes", "zero", "range", "eps", "qmin", "qmax", "one", "zero_u8")}
+    inits = [
+        helper.make_tensor(c["axes"], T.INT64, [1], [-1]),
+        helper.make_tensor(c["zero"], T.FLOAT, [], [0.0]),
+        helper.make_tensor(c["range"], T.FLOAT, [], [float(hi_q - lo_q)]),
+        helper.make_tensor(c["eps"], T.FLOAT, [], [float(EPS_SCALE)]),
+        helper.make_tensor(c["qmin"], T.FLOAT, [], [float(lo_q)]),
+        helper.make_tensor(c["qmax"], T.FLOAT, [], [float(hi_q)]),
+        helper.make_tensor(c["one"], T.FLOAT, [], [1.0]),
+        _int_tensor(np.array(0, dtype=np.uint8), c["zero_u8"], T.UINT8),
+        # the integer matmuls subtract this one zero-point (the calibrated per-tensor one) and the rank-1 term
+        # the rest; accumulating (q - centre) keeps the int32 sums, and what cancels in float32, small
+        _int_tensor(np.array(centre, dtype=np.uint8), f"{tag}.centre_u8", T.UINT8),
+        helper.make_tensor(f"{tag}.centre", T.FLOAT, [], [float(centre)]),
+    ]
+    v = {k: f"{tag}.{k}" for k in ("min", "max", "lo", "hi", "width", "step", "row_scale", "lo_steps", "neg",
+                                   "zr", "row_zero_point", "inv", "scaled", "shifted", "codes_f", "centred")}
+    nodes = [
+        helper.make_node("ReduceMin", [x_in, c["axes"]], [v["min"]], keepdims=1, name=f"{tag}/ReduceMin"),
+        helper.make_node("ReduceMax", [x_in, c["axes"]], [v["max"]], keepdims=1, name=f"{tag}/ReduceMax"),
+        helper.make_node("Min", [v["min"], c["zero"]], [v["lo"]], name=f"{tag}/Lo"),
+        helper.make_node("Max", [v["max"], c["zero"]], [v["hi"]], name=f"{tag}/Hi"),
+        helper.make_node("Sub", [v["hi"], v["lo"]], [v["width"]], name=f"{tag}/Width"),
+        helper.make_node("Div", [v["width"], c["range"]], [v["step"]], name=f"{tag}/Step"),
+        helper.make_node("Max", [v["step"], c["eps"]], [v["row_scale"]], name=f"{tag}/RowScale"),
+        helper.make_node("Div", [v["lo"], v["row_scale"]], [v["lo_steps"]], name=f"{tag}/LoSteps"),
+        helper.make_node("Sub", [c["qmin"], v["lo_steps"]], [v["neg"]], name=f"{tag}/ZeroPoint"),
+        helper.make_node("Round", [v["neg"]], [v["zr"]], name=f"{tag}/RoundZeroPoint"),
+        helper.make_node("Clip", [v["zr"], c["qmin"], c["qmax"]], [v["row_zero_point"]], name=f"{tag}/ClipZeroPoint"),
+        helper.make_node("Reciprocal", [v["row_scale"]], [v["inv"]], name=f"{tag}/InvScale"),
+        helper.make_node("Mul", [x_in, v["inv"]], [v["scaled"]], name=f"{tag}/Scale"),
+        helper.make_node("Add", [v["scaled"], v["row_zero_point"]], [v["shifted"]], name=f"{tag}/AddZeroPoint"),
+    ]
+    if hi_q < 255:  # fewer than 8 bits: the grid ends below uint8's saturation
+        nodes.append(helper.make_node("Clip", [v["shifted"], c["qmin"], c["qmax"]], [f"{tag}.clipped"],
+                                      name=f"{tag}/ClipCodes"))
+        v["shifted"] = f"{tag}.clipped"
+    nodes += [
+        helper.make_node("QuantizeLinear", [v["shifted"], c["one"], c["zero_u8"]], [q_out],
+                         name=f"{tag}/QuantizeLinear"),
+        helper.make_node("Cast", [q_out], [v["codes_f"]], to=T.FLOAT, name=f"{tag}/Cast"),
+        helper.make_node("Sub", [v["codes_f"], v["row_zero_point"]], [v["centred"]], name=f"{tag}/SubZeroPoint"),
+        helper.make_node("Mul", [v["centred"], v["row_scale"]], [dq_out], name=f"{tag}/DequantizeLinear"),
+    ]
+    return nodes, inits
+
+
+def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
+    """``MatMul(dequantized per-token codes, DQ(int W))`` -> ``MatMulInteger(codes, int W, c0) -> Cast -> Mul(row
+    scale x weight scale) - (row scale x (row zero-point - c0)) x c``, with ``c_n = w_scale_n * sum_k (W_kn -
+    w_zero_n)`` and ``c0`` the quantizer's calibrated per-tensor zero-point: MatMulInteger's A zero-point is one
+    per tensor, so the integer matmul subtracts ``c0`` and the rank-1 term the rest of each row's; ONNX Runtime
+    fuses the first part into ``MatMulIntegerToFloat`` with a per-row scale. The bias ``Add``
+    that follows stays separate: ORT 1.32 scales a fused bias by a per-row A scale. Returns ``(lowered, left)``;
+    a reader whose weight is not a constant 2-D ``DequantizeLinear`` (per-tensor, or per output column) stays a
+    float matmul on the dequantized values (correct, slower)."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    tokens = {v["dequantized"]: v for v in info.values() if v.get("granularity") == "token"}
+    done, left = 0, 0
+    row_zs: dict[str, str] = {}
+    replace: dict[int, list] = {}
+    for mm in [n for n in g.g.node if n.op_type == "MatMul" and n.input[0] in tokens]:
+        v = tokens[mm.input[0]]
+        dq = g.producer.get(mm.input[1])
+        w = g.array(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        ws = g.array(dq.input[1]) if w is not None else None
+        wz = g.array(dq.input[2]) if w is not None and len(dq.input) > 2 and dq.input[2] else None
+        if w is None or ws is None or w.ndim != 2 or w.dtype not in (np.int8, np.uint8):
+            left += 1
+            continue
+        axis = _attr(dq, "axis", 1)
+        if ws.size > 1 and (ws.ndim != 1 or axis % 2 != 1 or ws.size != w.shape[1]):
+            left += 1  # per-input-row weight scales cannot move after the integer matmul
+            continue
+        wz = np.zeros((), w.dtype) if wz is None else wz
+        if wz.size > 1 and not (wz == wz.reshape(-1)[0]).all():
+            left += 1
+            continue
+        tag = mm.name or mm.output[0]
+        zp = f"{tag}.w_zero_point"
+        c = ws.astype(np.float64) * (w.astype(np.int64) - np.int64(wz.reshape(-1)[0])).sum(0)
+        g.g.initializer.extend([
+            _int_tensor(np.array(wz.reshape(-1)[0], dtype=w.dtype), zp, T.INT8 if w.dtype == np.int8 else T.UINT8),
+            numpy_helper.from_array(ws.astype(np.float32).reshape(-1), f"{tag}.w_scale"),
+            numpy_helper.from_array(np.broadcast_to(c, (w.shape[1],)).astype(np.float32), f"{tag}.zero_point_sums"),
+        ])
+        rz = row_zs.get(v["dequantized"])
+        new = []
+        if rz is None:
+            rz = row_zs[v["dequantized"]] = f"{v['tensor']}.row_scaled_zero_point"
+            new += [
+                helper.make_node("Sub", [v["zero_point_tensor"], v["centre"]], [f"{rz}.off_centre"],
+                                 name=f"{v['tensor']}/OffCentre"),
+                helper.make_node("Mul", [v["scale_tensor"], f"{rz}.off_centre"], [rz],
+                                 name=f"{v['tensor']}/ScaledZeroPoint"),
+            ]
+        a_zp = v["centre_u8"]
+        new += [
+            helper.make_node("MatMulInteger", [v["tensor"], dq.input[0], a_zp, zp], [f"{tag}.int32"],
+                             name=f"{tag}/MatMulInteger"),
+            helper.make_node("Cast", [f"{tag}.int32"], [f"{tag}.acc"], to=T.FLOAT, name=f"{tag}/CastAcc"),
+            helper.make_node("Mul", [v["scale_tensor"], f"{tag}.w_scale"], [f"{tag}.scales"], name=f"{tag}/Scales"),
+            helper.make_node("Mul", [f"{tag}.acc", f"{tag}.scales"], [f"{tag}.scaled"], name=f"{tag}/ScaleAcc"),
+            helper.make_node("Mul", [rz, f"{tag}.zero_point_sums"], [f"{tag}.zero_point_term"],
+                             name=f"{tag}/ZeroPointTerm"),
+            helper.make_node("Sub", [f"{tag}.scaled", f"{tag}.zero_point_term"], [mm.output[0]],
+                             name=f"{tag}/SubZeroPointTerm"),
+        ]
+        replace[id(mm)] = new
+        done += 1
+    if replace:
+        nodes = [m for n in g.g.node for m in replace.get(id(n), [n])]
+        del g.g.node[:]
+        g.g.node.extend(nodes)
+        g.refresh()
+    return done, left
 
 
 def _dtype_name(dtype: int) -> str:
@@ -856,6 +1010,7 @@ def lower(model, qm: QuantizedModel, weight_dtype: str = "int8") -> tuple[Any, d
     folds = {}
     folds["smooth"], folds["smooth_left"] = _fold_smooth(g)  # refreshes g after each change
     folds.update(transpose=_fold_weight_transpose(g, transposed), gather=_fold_gather(g))
+    folds["token_matmul"], folds["token_matmul_left"] = _lower_token_matmuls(g, info)
     for v in info.values():
         if v["kind"] == "weight":
             v["transposed"] = v["tensor"] in transposed
@@ -1024,9 +1179,12 @@ class _Forced:
         from ..quant import dequantize, quantize_to_int
 
         q = self.q
-        s, z = q.qparams()
-        s = s.reshape(())
-        z = torch.zeros_like(s) if q.symmetric else z.reshape(())
+        if q.granularity.dynamic:  # per-row parameters of this very input, as ORT computes them
+            s, z = q.token_qparams(q.smooth_in(x))
+        else:
+            s, z = q.qparams()
+            s, z = s.reshape(()), z.reshape(())
+        z = torch.zeros_like(s) if q.symmetric else z
         want = quantize_to_int(q.smooth_in(x), s, z, q.qmin, q.qmax)  # smoothed: codes of (x - z) * m
         have = torch.from_numpy(self.codes.astype(np.int64))
         if tuple(have.shape) != tuple(want.shape):

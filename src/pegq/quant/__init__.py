@@ -1,7 +1,8 @@
 """The quantization math (paper section 2, eq. 1-2; section 4, eq. 4-5): no knowledge of models.
 
 * :mod:`.functional`  -- eq. (1)-(2): grid, qparams, fake-quant with the STE, to/from integers;
-* :mod:`.granularity` -- per-tensor, per-channel, per-embedding, per-embedding-group (PEG, eq. 5);
+* :mod:`.granularity` -- per-tensor, per-channel, per-embedding, per-embedding-group (PEG, eq. 5), and
+  dynamic per-token (not in the paper);
 * :mod:`.estimators`  -- current / running (EMA) min-max and MSE range estimation;
 * :mod:`.quantizer`   -- the ``Quantizer`` module and its states (estimating, frozen, learning).
 """
@@ -22,6 +23,7 @@ from .granularity import (
     PerEmbedding,
     PerEmbeddingGroup,
     PerTensor,
+    PerToken,
     granularity_from_dict,
     group_index_from_perm,
     range_permutation,
@@ -35,6 +37,7 @@ __all__ = [
     "PerEmbedding",
     "PerEmbeddingGroup",
     "PerTensor",
+    "PerToken",
     "QuantState",
     "Quantizer",
     "RangeEstimator",

@@ -7,6 +7,9 @@ A granularity decides which elements of a tensor share one (scale, zero-point) p
   Krishnamoorthi 2018).
 * :class:`PerEmbedding`       -- one pair per index of the last dim: eq. (1)-(2) broadcast along the
   embedding dimension (paper section 4, the scheme behind eq. 4).
+* :class:`PerToken`          -- dynamic: one pair per vector along the last axis (one token's
+  embedding), computed from the tensor itself at every forward (not in the paper: SmoothQuant's
+  per-token dynamic activation quantization). Calibration only records the tensor's range.
 * :class:`PerEmbeddingGroup`  -- PEG, ``groups`` (the paper's ``K``) pairs over the last dim, each
   shared by ``d/K`` embedding dims (paper eq. 5), optionally after a permutation of the dims
   (range-based permutation, paper section 4: ``argsort`` of the per-dim ranges
@@ -59,6 +62,9 @@ class Granularity:
     def describe(self) -> str:
         return self.kind
 
+    #: True when the (scale, zero-point) pairs are computed from each tensor at run time (:class:`PerToken`)
+    dynamic = False
+
 
 @dataclass(frozen=True)
 class PerTensor(Granularity):
@@ -72,6 +78,39 @@ class PerTensor(Granularity):
 
     def minmax(self, x, perm=None):
         return x.amin().reshape(1), x.amax().reshape(1)
+
+    def broadcast(self, p, x, group_index=None):
+        return p.reshape(())
+
+    def to_dict(self):
+        return {"kind": self.kind}
+
+
+@dataclass(frozen=True)
+class PerToken(Granularity):
+    """Dynamic per-token quantization: every vector along the last axis gets its own range, taken from the
+    tensor at every forward (so nothing clips). Range estimation (calibration) records the per-tensor range,
+    for reports only; the quantizer never uses it to quantize."""
+
+    kind = "token"
+    dynamic = True
+
+    def num_params(self, shape):
+        return 1
+
+    def check(self, shape_or_d, name="quantizer"):
+        if not isinstance(shape_or_d, int) and len(shape_or_d) == 0:
+            raise ValueError(f"{name}: per-token quantization needs a tensor with at least one dim")
+
+    def as_rows(self, x, perm=None):
+        return x.reshape(1, -1)
+
+    def minmax(self, x, perm=None):
+        return x.amin().reshape(1), x.amax().reshape(1)
+
+    def token_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ``(min, max)``, each shaped like ``x`` with the last dim 1."""
+        return x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
 
     def broadcast(self, p, x, group_index=None):
         return p.reshape(())
@@ -291,9 +330,11 @@ def granularity_from_dict(d: dict) -> Granularity:
         return PerChannel(axis=int(d.get("axis", 0)))
     if kind == "embedding":
         return PerEmbedding()
+    if kind == "token":
+        return PerToken()
     if kind == "peg":
         return PerEmbeddingGroup(groups=int(d["groups"]), permute=bool(d.get("permute", False)),
                                  outliers=int(d.get("outliers", 0)))
     raise ValueError(
-        f"unknown granularity kind {kind!r}; allowed: tensor, channel, embedding, peg"
+        f"unknown granularity kind {kind!r}; allowed: tensor, channel, embedding, token, peg"
     )

@@ -93,7 +93,7 @@ def _check_granularity(granularity, name: str) -> Granularity:
     if not isinstance(granularity, Granularity):
         raise ValueError(
             f"{name}: granularity {granularity!r} is not allowed; use PerTensor(), PerChannel(axis), "
-            f"PerEmbedding() or PerEmbeddingGroup(K, permute)"
+            f"PerEmbedding(), PerToken() or PerEmbeddingGroup(K, permute)"
         )
     return granularity
 
@@ -278,6 +278,9 @@ class Quantizer(nn.Module):
         """Turn scale and zero-point into trainable parameters (QAT)."""
         if not self.enabled:
             return self
+        if self.granularity.dynamic:
+            raise ValueError(f"{self.name}: a per-token (dynamic) quantizer has no range to learn; use per-tensor "
+                             f"for QAT")
         if self.scale_param is None:
             if self.x_min is None:
                 raise ValueError(
@@ -402,8 +405,10 @@ class Quantizer(nn.Module):
             return x.clone()
         else:
             self._check_layout(x)
-        scale, zero = self.qparams()
         g = self.granularity
+        if g.dynamic:
+            return self._fake_quant_dynamic(x)
+        scale, zero = self.qparams()
         n = g.num_params(x.shape)
         if scale.numel() != n:
             raise ValueError(
@@ -425,6 +430,21 @@ class Quantizer(nn.Module):
         if self.state == QuantState.LEARNING and torch.is_grad_enabled():
             return fake_quant_learnable(x, s, z, self.qmin, self.qmax)  # same values, fused STE/LSQ grads
         return fake_quant(x, s, z, self.qmin, self.qmax)
+
+    def token_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic (:class:`~pegq.quant.granularity.PerToken`): ``(scale, zero_point)`` of every vector along the
+        last axis of ``x`` (the tensor as the grid sees it: smoothed), shaped like ``x`` with the last dim 1."""
+        mn, mx = self.granularity.token_minmax(x.detach())
+        return qparams_from_range(mn, mx, self.bits, self.symmetric)
+
+    def _fake_quant_dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return x.clone()
+        if self.state == QuantState.LEARNING:
+            raise ValueError(f"{self.name}: a per-token (dynamic) quantizer has no range to learn; use per-tensor "
+                             f"for QAT or keep this quantizer frozen")
+        s, z = self.token_qparams(x)
+        return fake_quant(x, s, None if self.symmetric else z, self.qmin, self.qmax)
 
     # ------------------------------------------------------------------ loading
     def _load_from_state_dict(
