@@ -193,6 +193,10 @@ def ptq(
     gptq_asymmetric: Annotated[bool, typer.Option(help="GPTQ fits each layer's quantized output to the FP32 "
                                                   "model's output of that layer (its FP32 input), not to the FP32 "
                                                   "weights on the quantized input.")] = False,
+    gptq_asym_damp: Annotated[float, typer.Option(help="With --gptq-asymmetric: ridge of the least-squares "
+                                                  "target, a fraction of mean(diag H), in (0, 1).")] = 0.01,
+    gptq_cls_weight: Annotated[float, typer.Option(help="GPTQ: weight of each sequence's first token (what a "
+                                                   "classifier reads) in H, > 0.")] = 1.0,
     clipping: Annotated[bool, typer.Option("--clipping", help="Also split each activation quantizer's error on "
                                            "the dev split into clipping (values outside the calibrated range) "
                                            "and rounding; results.json key 'clipping'.")] = False,
@@ -218,7 +222,7 @@ def ptq(
             from .quant.gptq import GPTQConfig
 
             gq = GPTQRun(num_samples=gptq_samples, seed=cfg.calibration.seed, asymmetric=gptq_asymmetric,
-                         layer=GPTQConfig(damp=gptq_damp))
+                         asym_damp=gptq_asym_damp, cls_weight=gptq_cls_weight, layer=GPTQConfig(damp=gptq_damp))
         r = run_ptq(model, task, cfg, output, overrides=override, data_dir=data_dir,
                     max_eval_examples=max_eval_examples, overwrite=overwrite, progress=not quiet,
                     task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels),

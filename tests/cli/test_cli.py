@@ -112,3 +112,15 @@ def test_ptq_clipping_report(minilm_path, tmp_path):
     assert len(clip["rows"]) > 10 and clip["total"]["elements"] == sum(r["elements"] for r in clip["rows"])
     # 2 calibration sentences cannot cover 32 others: some values fall outside the calibrated ranges
     assert clip["total"]["clipped"] > 0 and 0.0 < clip["total"]["clip_share"] < 1.0
+
+
+def test_ptq_bad_gptq_settings_say_why_before_any_work(minilm_path, tmp_path):
+    """``--gptq-cls-weight`` / ``--gptq-asym-damp`` reach GPTQ; out-of-range values are one-line errors, and no
+    output folder is written."""
+    out = tmp_path / "g"
+    res = run("ptq", "-m", minilm_path, "-t", "rotten_tomatoes", "-o", str(out), "--gptq", "--gptq-cls-weight", "0")
+    one_line_error(res, "cls_weight must be > 0")
+    res = run("ptq", "-m", minilm_path, "-t", "rotten_tomatoes", "-o", str(out), "--gptq", "--gptq-asymmetric",
+              "--gptq-asym-damp", "1.5")
+    one_line_error(res, "asym_damp must be in (0, 1)")
+    assert not out.exists()
