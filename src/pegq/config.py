@@ -101,6 +101,7 @@ from .quant.granularity import (
 )
 
 GRANULARITIES = ("tensor", "channel", "embedding", "token", "peg")
+SMOOTHABLE = ("tensor", "token")  # granularities with one range per tensor or per token: smoothing keeps its point
 
 
 class ConfigError(ValueError):
@@ -142,7 +143,7 @@ class QuantizerSettings:
                                           or not 0 < self.smooth <= 1):
                 raise ConfigError(f"smooth={self.smooth!r} is not allowed; use a migration strength in (0, 1], "
                                   f"e.g. sq0.8, \"auto\" (sqauto), or null (no smoothing)")
-            if self.granularity not in ("tensor", "token"):
+            if self.granularity not in SMOOTHABLE:
                 raise ConfigError(f"smoothing ({sq_token(self.smooth)}) needs a per-tensor (or per-token) quantizer, "
                                   f"not {self.granularity}: it exists to keep one scale per tensor")
         if not isinstance(self.shift, bool):
@@ -204,7 +205,7 @@ class Override:
                 changes[f] = v
         if self.smooth != "keep":
             changes["smooth"] = self.smooth
-        elif changes.get("granularity", "tensor") not in ("tensor", "token") or changes.get("bits", 8) is None:
+        elif changes.get("granularity", "tensor") not in SMOOTHABLE or changes.get("bits", 8) is None:
             changes["smooth"] = None  # a new granularity (or off) ends an inherited smoothing
         if self.shift is not None:
             changes["shift"] = self.shift

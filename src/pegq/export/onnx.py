@@ -480,7 +480,7 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
                                                       name=f"{tag}/ShiftIn"))
                 new_nodes.append(helper.make_node("Mul", [src_in, m_name], [x_in], name=f"{tag}/SmoothIn"))
             if q.granularity.dynamic:
-                nodes, inits = _token_nodes(tag, x_in, q_out, dq_out, q)
+                nodes, inits = _token_nodes(tag, x_in, q_out, dq_out, q, centre=int(z[0]))
                 new_nodes += nodes
                 new_inits += inits
             else:
@@ -511,19 +511,20 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
     return info
 
 
-def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer) -> tuple[list, list]:
-    """Dynamic per-token asymmetric 8-bit quantization as ONNX ops, the same arithmetic as the simulation
-    (:meth:`~pegq.quant.Quantizer.token_qparams` and :func:`~pegq.quant.fake_quant`): per row of the last axis
-    ``lo = min(min x, 0)``, ``hi = max(max x, 0)``, ``s = max((hi - lo) / 255, eps)``, ``z = clip(round(-lo / s),
-    0, 255)``; codes ``q = sat_uint8(round(x * (1 / s) + z))`` (``{tag}.q``); the dequantized ``(q - z) * s`` for
-    float readers (``dq_out``). :func:`_lower_token_matmuls` then feeds the codes to the integer matmuls."""
+def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, centre: int) -> tuple[list, list]:
+    """Dynamic per-token asymmetric quantization (2-8 bits, grid ``[0, qmax]``) as ONNX ops, the same arithmetic as
+    the simulation (:meth:`~pegq.quant.Quantizer.token_qparams` and :func:`~pegq.quant.fake_quant`): per row of the
+    last axis ``lo = min(min x, 0)``, ``hi = max(max x, 0)``, ``s = max((hi - lo) / qmax, eps)``, ``z =
+    clip(round(-lo / s), 0, qmax)``; codes ``q = round(clip(x * (1 / s) + z, 0, qmax))`` as uint8 (``{tag}.q``; below
+    8 bits an explicit ``Clip``, at 8 bits ``QuantizeLinear``'s saturation); the dequantized ``(q - z) * s`` for
+    float readers (``dq_out``). ``centre``: the calibrated per-tensor zero-point, which the integer matmuls subtract
+    (:func:`_lower_token_matmuls` feeds them the codes)."""
     from onnx import TensorProto as T
     from onnx import helper
 
     from ..quant.functional import EPS_SCALE
 
     lo_q, hi_q = q.qmin, q.qmax
-    centre = int(qparams_numpy(q)[1][0])
     c = {k: f"{tag}.{k}" for k in ("axes", "zero", "range", "eps", "qmin", "qmax", "one", "zero_u8")}
     inits = [
         helper.make_tensor(c["axes"], T.INT64, [1], [-1]),
@@ -609,7 +610,6 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
         c = ws.astype(np.float64) * (w.astype(np.int64) - np.int64(wz.reshape(-1)[0])).sum(0)
         g.g.initializer.extend([
             _int_tensor(np.array(wz.reshape(-1)[0], dtype=w.dtype), zp, T.INT8 if w.dtype == np.int8 else T.UINT8),
-            numpy_helper.from_array(ws.astype(np.float32).reshape(-1), f"{tag}.w_scale"),
             numpy_helper.from_array(np.broadcast_to(c, (w.shape[1],)).astype(np.float32), f"{tag}.zero_point_sums"),
         ])
         rz = row_zs.get(v["dequantized"])
@@ -627,7 +627,7 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
             helper.make_node("MatMulInteger", [v["tensor"], dq.input[0], a_zp, zp], [f"{tag}.int32"],
                              name=f"{tag}/MatMulInteger"),
             helper.make_node("Cast", [f"{tag}.int32"], [f"{tag}.acc"], to=T.FLOAT, name=f"{tag}/CastAcc"),
-            helper.make_node("Mul", [v["scale_tensor"], f"{tag}.w_scale"], [f"{tag}.scales"], name=f"{tag}/Scales"),
+            helper.make_node("Mul", [v["scale_tensor"], dq.input[1]], [f"{tag}.scales"], name=f"{tag}/Scales"),
             helper.make_node("Mul", [f"{tag}.acc", f"{tag}.scales"], [f"{tag}.scaled"], name=f"{tag}/ScaleAcc"),
             helper.make_node("Mul", [rz, f"{tag}.zero_point_sums"], [f"{tag}.zero_point_term"],
                              name=f"{tag}/ZeroPointTerm"),
@@ -1179,13 +1179,14 @@ class _Forced:
         from ..quant import dequantize, quantize_to_int
 
         q = self.q
+        xs = q.smooth_in(x)  # smoothed: the grid sees (x - z) * m
         if q.granularity.dynamic:  # per-row parameters of this very input, as ORT computes them
-            s, z = q.token_qparams(q.smooth_in(x))
+            s, z = q.token_qparams(xs)
         else:
             s, z = q.qparams()
             s, z = s.reshape(()), z.reshape(())
         z = torch.zeros_like(s) if q.symmetric else z
-        want = quantize_to_int(q.smooth_in(x), s, z, q.qmin, q.qmax)  # smoothed: codes of (x - z) * m
+        want = quantize_to_int(xs, s, z, q.qmin, q.qmax)
         have = torch.from_numpy(self.codes.astype(np.int64))
         if tuple(have.shape) != tuple(want.shape):
             raise ExportError(f"{q.name}: ORT tensor {tuple(have.shape)} vs model {tuple(want.shape)}")

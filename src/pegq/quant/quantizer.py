@@ -438,11 +438,7 @@ class Quantizer(nn.Module):
         return qparams_from_range(mn, mx, self.bits, self.symmetric)
 
     def _fake_quant_dynamic(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == 0:
-            return x.clone()
-        if self.state == QuantState.LEARNING:
-            raise ValueError(f"{self.name}: a per-token (dynamic) quantizer has no range to learn; use per-tensor "
-                             f"for QAT or keep this quantizer frozen")
+        # never LEARNING (learn_ranges refuses it); empty tensors returned earlier by _fake_quant
         s, z = self.token_qparams(x)
         return fake_quant(x, s, None if self.symmetric else z, self.qmin, self.qmax)
 
