@@ -151,6 +151,10 @@ def test_per_token_override_keeps_smoothing_and_is_refused_on_weights(minilm_pat
     assert "embeddings.layernorm" in tok and "encoder.layer.5.ffn.intermediate" in tok
     assert "encoder.layer.0.attn.context" in tok and "encoder.layer.0.attn.query" not in tok
     assert qm.quantizers["encoder.layer.0.attn.layernorm"].smooth_alpha == 0.8
+    assert "encoder.layer.0.attn.probs" not in tok
+    qm = pegq.quantize(load_model(minilm_path, num_labels=2)[0], "sq-token-probs-gemm")
+    tok_probs = {n for n, q in qm.activation_quantizers().items() if q.enabled and q.granularity == PerToken()}
+    assert tok_probs - tok == {f"encoder.layer.{i}.attn.probs" for i in range(6)}
     with pytest.raises(ConfigError, match=r"attn\.query\.weight: per-token \(dynamic\) ranges are for activations"):
         pegq.quantize(load_model(minilm_path, num_labels=2)[0], "w8a8",
                       overrides=["encoder.layer.0.attn.query.weight=token"])

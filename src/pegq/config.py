@@ -75,7 +75,7 @@ Presets (``pegq presets``; a preset name goes wherever a config path does):
   outlier group, ``peg2po16``, on the FFN input and the FFN hidden activation), ``sq-gemm`` (as
   ``peg-outlier-gemm``, but every LayerNorm output a matmul reads -- Q/K/V input and FFN input -- per-tensor
   with smoothing, ``sq0.8``, instead of PEG), ``sq-token-gemm`` (as ``sq-gemm`` with dynamic per-token
-  ranges on every encoder Linear's input).
+  ranges on every encoder Linear's input), ``sq-token-probs-gemm`` (+ per-token attention probabilities).
 """
 
 from __future__ import annotations
@@ -665,6 +665,12 @@ _DEPLOY: dict[str, tuple[str, list[str]]] = {
                        "*.attn.context=token,optional",
                        "encoder.layer.*.weight=channel", "embeddings.*.weight=channel1,optional", *HEAD_INPUT_FLOAT]),
 }
+_DEPLOY["sq-token-probs-gemm"] = (
+    "int8 deployment (not in the paper): as sq-token-gemm, plus the attention probabilities (softmax output, the "
+    "left operand of the matmul with V) quantized per token (per query row) with dynamic ranges; each row's range "
+    "starts at 0, so its zero-point is 0; exported as an integer matmul with V's static uint8 codes in heads and "
+    "a per-row scale",
+    [*_DEPLOY["sq-token-gemm"][1], "*.attn.probs=token"])
 
 
 def _deploy_factory(name: str):

@@ -373,14 +373,15 @@ def test_smoothed_layernorm_outputs_export_on_every_family(family, shift, tmp_pa
     assert par["forced_output_max_abs_diff"] <= 1e-5
 
 
-def _minilm_calibrated(minilm, preset: str):
-    """A copy of the real MiniLM with ``preset``, calibrated on four review sentences; ``(qm, tokenizer)``."""
+def _minilm_calibrated(minilm, preset: str, overrides: list[str] | None = None):
+    """A copy of the real MiniLM with ``preset`` (+ ``overrides``), calibrated on four review sentences;
+    ``(qm, tokenizer)``."""
     import copy
 
     model, tok = minilm
     calib = ["a gorgeous, witty, seductive movie.", "the story is predictable and the characters are thin.",
              "it's a charming and often affecting journey.", "unfunny and lame."]
-    qm = pegq.quantize(copy.deepcopy(model), preset)
+    qm = pegq.quantize(copy.deepcopy(model), preset, overrides=overrides)
     pegq.calibrate(qm, [dict(tok(calib, padding=True, return_tensors="pt"))], progress=False)
     return qm, tok
 
@@ -443,14 +444,50 @@ def test_minilm_sq_token_gemm_runs_per_token_codes_on_int8_kernels(minilm, tmp_p
     assert par["output_max_abs_diff"] <= 0.05
 
 
+def test_minilm_per_token_attention_probs_run_on_int8_kernels(minilm, tmp_path):
+    """The real MiniLM with ``sq-token-gemm`` and per-token attention probabilities: each row of the softmax gets its
+    own step at run time; the matmul with V (split into heads from its static uint8 codes) becomes an integer matmul
+    with a per-row scale, with the zero-point term's column sums of V computed per batch and head. Per-tensor
+    parity holds on the probabilities and the logits."""
+    import onnx
+
+    qm, tok = _minilm_calibrated(minilm, "sq-token-gemm", ["*.attn.probs=token"])
+    info = export_onnx(qm, tmp_path / "probs.onnx", weight_dtype="uint8")
+    assert info["folds"]["token_matmul"] == 6 * 7 and info["folds"]["token_matmul_left"] == 0
+    graph = onnx.load(info["path"]).graph
+    assert not [n for n in graph.node if n.op_type == "MatMul" and "probs" in n.input[0]]  # Q K^T stays QDQ
+    producer = {o: n for n in graph.node for o in n.output}
+    pv = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[0].endswith("attn.probs.q")]
+    assert len(pv) == 6
+    chain, name = [], pv[0].input[1]
+    while producer[name].op_type in ("Reshape", "Transpose"):
+        chain.append(producer[name].op_type)
+        name = producer[name].input[0]
+    assert chain == ["Transpose", "Reshape"] and name == "encoder.layer.0.attn.value.q"
+    # a softmax output is never negative: lo = 0 and z = 0 in every row, so no ReduceMin, no zero-point term
+    assert len([n for n in graph.node if n.op_type == "ReduceMin"]) == 6 * 4 + 1
+    assert not [n for n in graph.node if n.op_type == "ReduceSum"]
+    assert metadata(info["path"])["pegq.quantizers"]["encoder.layer.0.attn.probs"]["nonneg"]
+    assert kernel_report(info["path"])["int8_kernels"] == 6 * 8
+    batch = dict(tok(["dull", "an utterly charming and hilarious film that reaches for the stars"], padding=True,
+                     return_tensors="pt"))
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert max(par["tensors"][f"encoder.layer.{i}.attn.probs"]["max_steps"] for i in range(6)) <= 1
+    assert par["forced_output_max_abs_diff"] <= 1e-4
+    assert par["output_max_abs_diff"] <= 0.05
+
+
+@pytest.mark.parametrize("probs", [False, True], ids=["static-probs", "token-probs"])
 @pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
-def test_per_token_activations_export_on_every_family(family, tmp_path, one_thread):
-    """``sq-token-gemm`` on a random-init model of each family: every per-token quantizer's readers become integer
-    matmuls (none left in float), and ORT matches the simulation per tensor."""
+def test_per_token_activations_export_on_every_family(family, probs, tmp_path, one_thread):
+    """``sq-token-gemm`` on a random-init model of each family, also with per-token attention probabilities: every
+    per-token quantizer's readers become integer matmuls (none left in float; the probabilities' reader is the
+    matmul with V in heads), and ORT matches the simulation per tensor."""
     from models_helpers import pad_id_of, padded_batch, tiny_model
 
     m = tiny_model(family, True)
-    qm = pegq.quantize(m, "sq-token-gemm")
+    qm = pegq.quantize(m, "sq-token-gemm", overrides=["*.attn.probs=token"] if probs else None)
     pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
     info = export_onnx(qm, tmp_path / f"{family}.onnx", weight_dtype="uint8")
     assert info["folds"]["token_matmul"] > 0 and info["folds"]["token_matmul_left"] == 0, info["folds"]
@@ -483,3 +520,59 @@ def test_per_token_below_8_bits_clips_codes_to_its_grid(tmp_path, one_thread):
     sess = session(info["path"], extra_outputs=["encoder.layer.0.ffn.intermediate.q"])
     codes = sess.run(["encoder.layer.0.ffn.intermediate.q"], feeds(batch, metadata(info["path"])["pegq.inputs"]))[0]
     assert codes.max() <= 127 and codes.max() >= 120
+
+
+def test_per_token_rows_times_a_static_activation_in_heads_match_the_simulation(one_thread):
+    """The general form of a per-token reader whose B operand is a static activation seen through layout ops (as V
+    split into heads): rows with negative values, so their zero-points differ from the calibrated one, times uint8
+    codes reshaped and transposed; the integer matmul with the run-time column sums of B gives the simulation's
+    float matmul of the dequantized operands."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    from pegq.export.onnx import (
+        IR_VERSION,
+        OPSET,
+        _Graph,
+        _int_tensor,
+        _lower_token_matmuls,
+        _token_nodes,
+        qparams_numpy,
+    )
+    from pegq.quant import PerTensor, PerToken, Quantizer
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 5, 8, generator=gen) * (torch.rand(2, 3, 5, 1, generator=gen) * 4) + 0.5
+    v = torch.randn(2, 8, 12, generator=gen) + 0.3
+    qa, qv = Quantizer("a", 8, False, PerToken()), Quantizer("v", 8, False, PerTensor())
+    qa(a[:1]), qv(v)
+    qa.freeze(), qv.freeze()
+    expected = qa(a) @ qv(v).reshape(2, 8, 3, 4).transpose(1, 2)
+    _, za = qparams_numpy(qa)
+    sv, zv = qparams_numpy(qv)
+    _, row_z = qa.token_qparams(a)
+    assert len(set(row_z.flatten().tolist()) - {float(za[0])}) > 3  # most rows are off the calibrated zero-point
+
+    nodes, inits = _token_nodes("a", "a", "a.q", "a.dq", qa, centre=int(za[0]))
+    inits += [helper.make_tensor("v.s", T.FLOAT, [], [float(sv[0])]),
+              _int_tensor(np.array(zv[0], np.uint8), "v.z", T.UINT8),
+              helper.make_tensor("v.shape", T.INT64, [4], [2, 8, 3, 4])]
+    nodes += [helper.make_node("QuantizeLinear", ["v", "v.s", "v.z"], ["v.q"]),
+              helper.make_node("DequantizeLinear", ["v.q", "v.s", "v.z"], ["v.dq"]),
+              helper.make_node("Reshape", ["v.dq", "v.shape"], ["v.heads"]),
+              helper.make_node("Transpose", ["v.heads"], ["v.t"], perm=[0, 2, 1, 3]),
+              helper.make_node("MatMul", ["a.dq", "v.t"], ["out"], name="pv")]
+    graph = helper.make_graph(nodes, "pv", [helper.make_tensor_value_info("a", T.FLOAT, list(a.shape)),
+                                            helper.make_tensor_value_info("v", T.FLOAT, list(v.shape))],
+                              [helper.make_tensor_value_info("out", T.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    info = {"a": {"granularity": "token", "dequantized": "a.dq", "tensor": "a.q", "scale_tensor": "a.row_scale",
+                  "zero_point_tensor": "a.row_zero_point", "centre": "a.centre", "centre_u8": "a.centre_u8"}}
+    assert _lower_token_matmuls(_Graph(model.graph), info) == (1, 0)
+    ops = [n.op_type for n in model.graph.node]
+    assert "MatMul" not in ops and "MatMulInteger" in ops and "ReduceSum" in ops
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"a": a.numpy(), "v": v.numpy()})[0]
+    np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-5)

@@ -480,7 +480,9 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
                                                       name=f"{tag}/ShiftIn"))
                 new_nodes.append(helper.make_node("Mul", [src_in, m_name], [x_in], name=f"{tag}/SmoothIn"))
             if q.granularity.dynamic:
-                nodes, inits = _token_nodes(tag, x_in, q_out, dq_out, q, centre=int(z[0]))
+                src = g.producer.get(x_in)
+                nonneg = src is not None and src.op_type in _NONNEG_OPS and int(z[0]) == 0
+                nodes, inits = _token_nodes(tag, x_in, q_out, dq_out, q, centre=int(z[0]), nonneg=nonneg)
                 new_nodes += nodes
                 new_inits += inits
             else:
@@ -499,8 +501,9 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
                          "smoothed": q.smooth is not None, "shifted": q.shift is not None}
             if q.granularity.dynamic:  # no constant scale: per-row tensors computed at run time
                 info[tag].update(granularity="token", scale=None, zero_point=None, scale_tensor=f"{tag}.row_scale",
-                                 zero_point_tensor=f"{tag}.row_zero_point", dequantized=dq_out,
-                                 centre=f"{tag}.centre", centre_u8=f"{tag}.centre_u8")
+                                 zero_point_tensor=f"{tag}.zero" if nonneg else f"{tag}.row_zero_point",
+                                 dequantized=dq_out,
+                                 centre=f"{tag}.centre", centre_u8=f"{tag}.centre_u8", nonneg=nonneg)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(new_inits)
@@ -511,14 +514,19 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
     return info
 
 
-def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, centre: int) -> tuple[list, list]:
+_NONNEG_OPS = ("Softmax", "Relu")  # producers whose output is never negative
+
+
+def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, centre: int,
+                 nonneg: bool = False) -> tuple[list, list]:
     """Dynamic per-token asymmetric quantization (2-8 bits, grid ``[0, qmax]``) as ONNX ops, the same arithmetic as
     the simulation (:meth:`~pegq.quant.Quantizer.token_qparams` and :func:`~pegq.quant.fake_quant`): per row of the
     last axis ``lo = min(min x, 0)``, ``hi = max(max x, 0)``, ``s = max((hi - lo) / qmax, eps)``, ``z =
     clip(round(-lo / s), 0, qmax)``; codes ``q = round(clip(x * (1 / s) + z, 0, qmax))`` as uint8 (``{tag}.q``; below
     8 bits an explicit ``Clip``, at 8 bits ``QuantizeLinear``'s saturation); the dequantized ``(q - z) * s`` for
     float readers (``dq_out``). ``centre``: the calibrated per-tensor zero-point, which the integer matmuls subtract
-    (:func:`_lower_token_matmuls` feeds them the codes)."""
+    (:func:`_lower_token_matmuls` feeds them the codes). ``nonneg``: ``x`` is never negative (a softmax output), so
+    ``lo = 0`` and ``z = 0`` for every row, the same values with no ``ReduceMin`` and no zero-point ops."""
     from onnx import TensorProto as T
     from onnx import helper
 
@@ -542,47 +550,77 @@ def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, cen
     ]
     v = {k: f"{tag}.{k}" for k in ("min", "max", "lo", "hi", "width", "step", "row_scale", "lo_steps", "neg",
                                    "zr", "row_zero_point", "inv", "scaled", "shifted", "codes_f", "centred")}
-    nodes = [
-        helper.make_node("ReduceMin", [x_in, c["axes"]], [v["min"]], keepdims=1, name=f"{tag}/ReduceMin"),
-        helper.make_node("ReduceMax", [x_in, c["axes"]], [v["max"]], keepdims=1, name=f"{tag}/ReduceMax"),
-        helper.make_node("Min", [v["min"], c["zero"]], [v["lo"]], name=f"{tag}/Lo"),
-        helper.make_node("Max", [v["max"], c["zero"]], [v["hi"]], name=f"{tag}/Hi"),
-        helper.make_node("Sub", [v["hi"], v["lo"]], [v["width"]], name=f"{tag}/Width"),
-        helper.make_node("Div", [v["width"], c["range"]], [v["step"]], name=f"{tag}/Step"),
-        helper.make_node("Max", [v["step"], c["eps"]], [v["row_scale"]], name=f"{tag}/RowScale"),
-        helper.make_node("Div", [v["lo"], v["row_scale"]], [v["lo_steps"]], name=f"{tag}/LoSteps"),
-        helper.make_node("Sub", [c["qmin"], v["lo_steps"]], [v["neg"]], name=f"{tag}/ZeroPoint"),
-        helper.make_node("Round", [v["neg"]], [v["zr"]], name=f"{tag}/RoundZeroPoint"),
-        helper.make_node("Clip", [v["zr"], c["qmin"], c["qmax"]], [v["row_zero_point"]], name=f"{tag}/ClipZeroPoint"),
-        helper.make_node("Reciprocal", [v["row_scale"]], [v["inv"]], name=f"{tag}/InvScale"),
-        helper.make_node("Mul", [x_in, v["inv"]], [v["scaled"]], name=f"{tag}/Scale"),
-        helper.make_node("Add", [v["scaled"], v["row_zero_point"]], [v["shifted"]], name=f"{tag}/AddZeroPoint"),
-    ]
+    nonneg = nonneg and lo_q == 0  # lo = 0: s = max(max x / qmax, eps), z = 0, q = round(clip(x / s, 0, qmax))
+    mk = helper.make_node
+    nodes = [mk("ReduceMax", [x_in, c["axes"]], [v["max"]], keepdims=1, name=f"{tag}/ReduceMax"),
+             mk("Max", [v["max"], c["zero"]], [v["hi"]], name=f"{tag}/Hi")]
+    if nonneg:
+        v["width"] = v["hi"]
+    else:
+        nodes += [mk("ReduceMin", [x_in, c["axes"]], [v["min"]], keepdims=1, name=f"{tag}/ReduceMin"),
+                  mk("Min", [v["min"], c["zero"]], [v["lo"]], name=f"{tag}/Lo"),
+                  mk("Sub", [v["hi"], v["lo"]], [v["width"]], name=f"{tag}/Width")]
+    nodes += [mk("Div", [v["width"], c["range"]], [v["step"]], name=f"{tag}/Step"),
+              mk("Max", [v["step"], c["eps"]], [v["row_scale"]], name=f"{tag}/RowScale"),
+              mk("Reciprocal", [v["row_scale"]], [v["inv"]], name=f"{tag}/InvScale"),
+              mk("Mul", [x_in, v["inv"]], [v["scaled"]], name=f"{tag}/Scale")]
+    if nonneg:
+        v["shifted"] = v["scaled"]
+    else:
+        nodes += [mk("Div", [v["lo"], v["row_scale"]], [v["lo_steps"]], name=f"{tag}/LoSteps"),
+                  mk("Sub", [c["qmin"], v["lo_steps"]], [v["neg"]], name=f"{tag}/ZeroPoint"),
+                  mk("Round", [v["neg"]], [v["zr"]], name=f"{tag}/RoundZeroPoint"),
+                  mk("Clip", [v["zr"], c["qmin"], c["qmax"]], [v["row_zero_point"]], name=f"{tag}/ClipZeroPoint"),
+                  mk("Add", [v["scaled"], v["row_zero_point"]], [v["shifted"]], name=f"{tag}/AddZeroPoint")]
     if hi_q < 255:  # fewer than 8 bits: the grid ends below uint8's saturation
-        nodes.append(helper.make_node("Clip", [v["shifted"], c["qmin"], c["qmax"]], [f"{tag}.clipped"],
-                                      name=f"{tag}/ClipCodes"))
+        nodes.append(mk("Clip", [v["shifted"], c["qmin"], c["qmax"]], [f"{tag}.clipped"], name=f"{tag}/ClipCodes"))
         v["shifted"] = f"{tag}.clipped"
-    nodes += [
-        helper.make_node("QuantizeLinear", [v["shifted"], c["one"], c["zero_u8"]], [q_out],
-                         name=f"{tag}/QuantizeLinear"),
-        helper.make_node("Cast", [q_out], [v["codes_f"]], to=T.FLOAT, name=f"{tag}/Cast"),
-        helper.make_node("Sub", [v["codes_f"], v["row_zero_point"]], [v["centred"]], name=f"{tag}/SubZeroPoint"),
-        helper.make_node("Mul", [v["centred"], v["row_scale"]], [dq_out], name=f"{tag}/DequantizeLinear"),
-    ]
+    nodes += [mk("QuantizeLinear", [v["shifted"], c["one"], c["zero_u8"]], [q_out], name=f"{tag}/QuantizeLinear"),
+              mk("Cast", [q_out], [v["codes_f"]], to=T.FLOAT, name=f"{tag}/Cast")]
+    if nonneg:
+        v["centred"] = v["codes_f"]
+    else:
+        nodes.append(mk("Sub", [v["codes_f"], v["row_zero_point"]], [v["centred"]], name=f"{tag}/SubZeroPoint"))
+    nodes.append(mk("Mul", [v["centred"], v["row_scale"]], [dq_out], name=f"{tag}/DequantizeLinear"))
     return nodes, inits
 
 
+_LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")
+
+
+def _static_codes_through_layout(g: _Graph, name: str):
+    """``name`` = layout ops (Reshape/Transpose/Squeeze/Unsqueeze) of a per-tensor ``DequantizeLinear`` of run-time
+    integer codes (a static activation quantizer's output, e.g. V split into heads): ``(dq, chain)`` with ``chain``
+    the layout nodes from the DequantizeLinear outwards, or ``None``."""
+    chain = []
+    n = g.producer.get(name)
+    while n is not None and n.op_type in _LAYOUT_OPS and len(chain) < 8:
+        chain.append(n)
+        n = g.producer.get(n.input[0])
+    if n is None or n.op_type != "DequantizeLinear" or n.input[0] in g.inits or len(n.input) < 3:
+        return None
+    s, z = g.array(n.input[1]), g.array(n.input[2])
+    if s is None or z is None or s.size != 1 or z.size != 1 or z.dtype not in (np.int8, np.uint8):
+        return None
+    return n, chain[::-1]
+
+
 def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
-    """``MatMul(dequantized per-token codes, DQ(int W))`` -> ``MatMulInteger(codes, int W, c0) -> Cast -> Mul(row
-    scale x weight scale) - (row scale x (row zero-point - c0)) x c``, with ``c_n = w_scale_n * sum_k (W_kn -
-    w_zero_n)`` and ``c0`` the quantizer's calibrated per-tensor zero-point: MatMulInteger's A zero-point is one
-    per tensor, so the integer matmul subtracts ``c0`` and the rank-1 term the rest of each row's; ONNX Runtime
-    fuses the first part into ``MatMulIntegerToFloat`` with a per-row scale. The bias ``Add``
-    that follows stays separate: ORT 1.32 scales a fused bias by a per-row A scale. Returns ``(lowered, left)``;
-    a reader whose weight is not a constant 2-D ``DequantizeLinear`` (per-tensor, or per output column) stays a
-    float matmul on the dequantized values (correct, slower)."""
+    """``MatMul(dequantized per-token codes, B)`` -> ``MatMulInteger(codes, int B, c0) -> Cast -> Mul(row scale x B
+    scale) - (row scale x (row zero-point - c0)) x c`` with ``c0`` the quantizer's calibrated per-tensor zero-point
+    (MatMulInteger's A zero-point is one per tensor, so the integer matmul subtracts ``c0`` and the rank-1 term the
+    rest of each row's) and ``c_n = B_scale_n * sum_k (B_kn - B_zero_n)``. ``B`` is either
+
+    * a constant weight ``DequantizeLinear`` (2-D, per-tensor or per output column): ``c`` is an initializer, and
+      ONNX Runtime fuses the first part into ``MatMulIntegerToFloat`` with a per-row scale; the bias ``Add`` that
+      follows stays separate (ORT 1.32 scales a fused bias by a per-row A scale); or
+    * a static per-tensor activation quantizer's ``DequantizeLinear`` seen through layout ops (V split into heads,
+      read by per-token attention probabilities): the same layout ops are applied to its integer codes, and ``c``
+      (per batch and head) is a ``ReduceSum`` at run time.
+
+    Returns ``(lowered, left)``; any other reader stays a float matmul on the dequantized values (correct, slower)."""
     from onnx import TensorProto as T
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     tokens = {v["dequantized"]: v for v in info.values() if v.get("granularity") == "token"}
     done, left = 0, 0
@@ -590,30 +628,25 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
     replace: dict[int, list] = {}
     for mm in [n for n in g.g.node if n.op_type == "MatMul" and n.input[0] in tokens]:
         v = tokens[mm.input[0]]
-        dq = g.producer.get(mm.input[1])
-        w = g.array(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        ws = g.array(dq.input[1]) if w is not None else None
-        wz = g.array(dq.input[2]) if w is not None and len(dq.input) > 2 and dq.input[2] else None
-        if w is None or ws is None or w.ndim != 2 or w.dtype not in (np.int8, np.uint8):
-            left += 1
-            continue
-        axis = _attr(dq, "axis", 1)
-        if ws.size > 1 and (ws.ndim != 1 or axis % 2 != 1 or ws.size != w.shape[1]):
-            left += 1  # per-input-row weight scales cannot move after the integer matmul
-            continue
-        wz = np.zeros((), w.dtype) if wz is None else wz
-        if wz.size > 1 and not (wz == wz.reshape(-1)[0]).all():
-            left += 1
-            continue
         tag = mm.name or mm.output[0]
-        zp = f"{tag}.w_zero_point"
-        c = ws.astype(np.float64) * (w.astype(np.int64) - np.int64(wz.reshape(-1)[0])).sum(0)
-        g.g.initializer.extend([
-            _int_tensor(np.array(wz.reshape(-1)[0], dtype=w.dtype), zp, T.INT8 if w.dtype == np.int8 else T.UINT8),
-            numpy_helper.from_array(np.broadcast_to(c, (w.shape[1],)).astype(np.float32), f"{tag}.zero_point_sums"),
-        ])
+        b = _token_matmul_b(g, mm, tag)
+        if b is None:
+            left += 1
+            continue
+        b_int, b_scale, b_zero, sums, new, inits = b
+        g.g.initializer.extend(inits)
         rz = row_zs.get(v["dequantized"])
-        new = []
+        if v.get("nonneg"):  # every row's zero-point is 0 = c0: no zero-point term (_prune drops the column sums)
+            new += [
+                helper.make_node("MatMulInteger", [v["tensor"], b_int, v["centre_u8"], b_zero], [f"{tag}.int32"],
+                                 name=f"{tag}/MatMulInteger"),
+                helper.make_node("Cast", [f"{tag}.int32"], [f"{tag}.acc"], to=T.FLOAT, name=f"{tag}/CastAcc"),
+                helper.make_node("Mul", [v["scale_tensor"], b_scale], [f"{tag}.scales"], name=f"{tag}/Scales"),
+                helper.make_node("Mul", [f"{tag}.acc", f"{tag}.scales"], [mm.output[0]], name=f"{tag}/ScaleAcc"),
+            ]
+            replace[id(mm)] = new
+            done += 1
+            continue
         if rz is None:
             rz = row_zs[v["dequantized"]] = f"{v['tensor']}.row_scaled_zero_point"
             new += [
@@ -622,15 +655,13 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
                 helper.make_node("Mul", [v["scale_tensor"], f"{rz}.off_centre"], [rz],
                                  name=f"{v['tensor']}/ScaledZeroPoint"),
             ]
-        a_zp = v["centre_u8"]
         new += [
-            helper.make_node("MatMulInteger", [v["tensor"], dq.input[0], a_zp, zp], [f"{tag}.int32"],
+            helper.make_node("MatMulInteger", [v["tensor"], b_int, v["centre_u8"], b_zero], [f"{tag}.int32"],
                              name=f"{tag}/MatMulInteger"),
             helper.make_node("Cast", [f"{tag}.int32"], [f"{tag}.acc"], to=T.FLOAT, name=f"{tag}/CastAcc"),
-            helper.make_node("Mul", [v["scale_tensor"], dq.input[1]], [f"{tag}.scales"], name=f"{tag}/Scales"),
+            helper.make_node("Mul", [v["scale_tensor"], b_scale], [f"{tag}.scales"], name=f"{tag}/Scales"),
             helper.make_node("Mul", [f"{tag}.acc", f"{tag}.scales"], [f"{tag}.scaled"], name=f"{tag}/ScaleAcc"),
-            helper.make_node("Mul", [rz, f"{tag}.zero_point_sums"], [f"{tag}.zero_point_term"],
-                             name=f"{tag}/ZeroPointTerm"),
+            helper.make_node("Mul", [rz, sums], [f"{tag}.zero_point_term"], name=f"{tag}/ZeroPointTerm"),
             helper.make_node("Sub", [f"{tag}.scaled", f"{tag}.zero_point_term"], [mm.output[0]],
                              name=f"{tag}/SubZeroPointTerm"),
         ]
@@ -642,6 +673,55 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
         g.g.node.extend(nodes)
         g.refresh()
     return done, left
+
+
+def _token_matmul_b(g: _Graph, mm, tag: str):
+    """The integer form of a per-token matmul's B operand (see :func:`_lower_token_matmuls`): ``(codes, scale,
+    zero-point, scaled column sums, nodes, initializers)``, or ``None`` when B is neither form."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    dq = g.producer.get(mm.input[1])
+    w = g.array(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    if w is not None:  # a constant weight
+        ws = g.array(dq.input[1])
+        wz = g.array(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        if ws is None or w.ndim != 2 or w.dtype not in (np.int8, np.uint8):
+            return None
+        if ws.size > 1 and (ws.ndim != 1 or _attr(dq, "axis", 1) % 2 != 1 or ws.size != w.shape[1]):
+            return None  # per-input-row weight scales cannot move after the integer matmul
+        wz = np.zeros((), w.dtype) if wz is None else wz
+        if wz.size > 1 and not (wz == wz.reshape(-1)[0]).all():
+            return None
+        zp, sums = f"{tag}.w_zero_point", f"{tag}.zero_point_sums"
+        c = ws.astype(np.float64) * (w.astype(np.int64) - np.int64(wz.reshape(-1)[0])).sum(0)
+        inits = [
+            _int_tensor(np.array(wz.reshape(-1)[0], dtype=w.dtype), zp, T.INT8 if w.dtype == np.int8 else T.UINT8),
+            numpy_helper.from_array(np.broadcast_to(c, (w.shape[1],)).astype(np.float32), sums),
+        ]
+        return dq.input[0], dq.input[1], zp, sums, [], inits
+    found = _static_codes_through_layout(g, mm.input[1])
+    if found is None:
+        return None
+    dq, chain = found
+    codes, new = dq.input[0], []
+    for k, n in enumerate(chain):  # the same layout ops on the integer codes
+        out = f"{tag}.b_codes{k}"
+        node = helper.make_node(n.op_type, [codes, *n.input[1:]], [out], name=f"{tag}/B{n.op_type}{k}")
+        node.attribute.extend(n.attribute)
+        new.append(node)
+        codes = out
+    axes, sums = f"{tag}.b_reduce_axes", f"{tag}.b_sums"
+    new += [
+        helper.make_node("Cast", [codes], [f"{tag}.b_float"], to=T.FLOAT, name=f"{tag}/CastB"),
+        helper.make_node("Cast", [dq.input[2]], [f"{tag}.b_zero_float"], to=T.FLOAT, name=f"{tag}/CastBZero"),
+        helper.make_node("Sub", [f"{tag}.b_float", f"{tag}.b_zero_float"], [f"{tag}.b_centred"],
+                         name=f"{tag}/CentreB"),
+        helper.make_node("ReduceSum", [f"{tag}.b_centred", axes], [f"{tag}.b_colsum"], keepdims=1,
+                         name=f"{tag}/ColumnSums"),
+        helper.make_node("Mul", [f"{tag}.b_colsum", dq.input[1]], [sums], name=f"{tag}/ScaleColumnSums"),
+    ]
+    return codes, dq.input[1], dq.input[2], sums, new, [helper.make_tensor(axes, T.INT64, [1], [-2])]
 
 
 def _dtype_name(dtype: int) -> str:
