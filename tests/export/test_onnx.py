@@ -576,3 +576,16 @@ def test_per_token_rows_times_a_static_activation_in_heads_match_the_simulation(
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     out = sess.run(None, {"a": a.numpy(), "v": v.numpy()})[0]
     np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_per_token_query_stays_a_float_matmul_and_is_counted_as_left(tmp_path, one_thread):
+    """A per-token Q reaches ``Q K^T`` through ``Reshape``/``Transpose`` with K's codes on the other side; the export
+    keeps that matmul in float on the dequantized values (still equal to the simulation) and counts it as left,
+    one per layer, instead of passing over it."""
+    qm, batch = _tiny("sq-token-gemm", ["*.attn.query=token"])
+    layers = len({n.split(".attn.")[0] for n in qm.quantizers if n.endswith(".attn.query")})
+    info = export_onnx(qm, tmp_path / "q.onnx", weight_dtype="uint8")
+    assert info["folds"]["token_matmul_left"] == layers > 0, info["folds"]
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["missing"] == [] and par["max_steps"] <= 1
+    assert par["forced_output_max_abs_diff"] <= 1e-5

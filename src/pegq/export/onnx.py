@@ -618,7 +618,8 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
       read by per-token attention probabilities): the same layout ops are applied to its integer codes, and ``c``
       (per batch and head) is a ``ReduceSum`` at run time.
 
-    Returns ``(lowered, left)``; any other reader stays a float matmul on the dequantized values (correct, slower)."""
+    Returns ``(lowered, left)``; any other matmul reading the codes, directly or through layout ops (a per-token Q
+    or K), stays a float matmul on the dequantized values (correct, slower) and counts as left."""
     from onnx import TensorProto as T
     from onnx import helper
 
@@ -667,12 +668,29 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
         ]
         replace[id(mm)] = new
         done += 1
+    left += _token_readers_through_layout(g, tokens)
     if replace:
         nodes = [m for n in g.g.node for m in replace.get(id(n), [n])]
         del g.g.node[:]
         g.g.node.extend(nodes)
         g.refresh()
     return done, left
+
+
+def _token_readers_through_layout(g: _Graph, tokens: dict) -> int:
+    """Matmuls that read dequantized per-token codes through layout ops (a per-token Q or K split into heads):
+    they stay float matmuls on the dequantized values (correct, slower), counted as left."""
+    n = 0
+    for name in tokens:
+        todo = [c for c in g.consumers.get(name, []) if c.op_type in _LAYOUT_OPS]
+        while todo:
+            node = todo.pop()
+            for c in g.consumers.get(node.output[0], []):
+                if c.op_type == "MatMul":
+                    n += 1
+                elif c.op_type in _LAYOUT_OPS:
+                    todo.append(c)
+    return n
 
 
 def _token_matmul_b(g: _Graph, mm, tag: str):
