@@ -630,25 +630,14 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
     for mm in [n for n in g.g.node if n.op_type == "MatMul" and n.input[0] in tokens]:
         v = tokens[mm.input[0]]
         tag = mm.name or mm.output[0]
-        b = _token_matmul_b(g, mm, tag)
+        nonneg = bool(v.get("nonneg"))  # every row's zero-point is 0 = c0: no zero-point term, no column sums
+        b = _token_matmul_b(g, mm, tag, sums_needed=not nonneg)
         if b is None:
             left += 1
             continue
         b_int, b_scale, b_zero, sums, new, inits = b
         g.g.initializer.extend(inits)
-        rz = row_zs.get(v["dequantized"])
-        if v.get("nonneg"):  # every row's zero-point is 0 = c0: no zero-point term (_prune drops the column sums)
-            new += [
-                helper.make_node("MatMulInteger", [v["tensor"], b_int, v["centre_u8"], b_zero], [f"{tag}.int32"],
-                                 name=f"{tag}/MatMulInteger"),
-                helper.make_node("Cast", [f"{tag}.int32"], [f"{tag}.acc"], to=T.FLOAT, name=f"{tag}/CastAcc"),
-                helper.make_node("Mul", [v["scale_tensor"], b_scale], [f"{tag}.scales"], name=f"{tag}/Scales"),
-                helper.make_node("Mul", [f"{tag}.acc", f"{tag}.scales"], [mm.output[0]], name=f"{tag}/ScaleAcc"),
-            ]
-            replace[id(mm)] = new
-            done += 1
-            continue
-        if rz is None:
+        if not nonneg and v["dequantized"] not in row_zs:
             rz = row_zs[v["dequantized"]] = f"{v['tensor']}.row_scaled_zero_point"
             new += [
                 helper.make_node("Sub", [v["zero_point_tensor"], v["centre"]], [f"{rz}.off_centre"],
@@ -656,16 +645,21 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
                 helper.make_node("Mul", [v["scale_tensor"], f"{rz}.off_centre"], [rz],
                                  name=f"{v['tensor']}/ScaledZeroPoint"),
             ]
+        scaled = mm.output[0] if nonneg else f"{tag}.scaled"
         new += [
             helper.make_node("MatMulInteger", [v["tensor"], b_int, v["centre_u8"], b_zero], [f"{tag}.int32"],
                              name=f"{tag}/MatMulInteger"),
             helper.make_node("Cast", [f"{tag}.int32"], [f"{tag}.acc"], to=T.FLOAT, name=f"{tag}/CastAcc"),
             helper.make_node("Mul", [v["scale_tensor"], b_scale], [f"{tag}.scales"], name=f"{tag}/Scales"),
-            helper.make_node("Mul", [f"{tag}.acc", f"{tag}.scales"], [f"{tag}.scaled"], name=f"{tag}/ScaleAcc"),
-            helper.make_node("Mul", [rz, sums], [f"{tag}.zero_point_term"], name=f"{tag}/ZeroPointTerm"),
-            helper.make_node("Sub", [f"{tag}.scaled", f"{tag}.zero_point_term"], [mm.output[0]],
-                             name=f"{tag}/SubZeroPointTerm"),
+            helper.make_node("Mul", [f"{tag}.acc", f"{tag}.scales"], [scaled], name=f"{tag}/ScaleAcc"),
         ]
+        if not nonneg:
+            new += [
+                helper.make_node("Mul", [row_zs[v["dequantized"]], sums], [f"{tag}.zero_point_term"],
+                                 name=f"{tag}/ZeroPointTerm"),
+                helper.make_node("Sub", [scaled, f"{tag}.zero_point_term"], [mm.output[0]],
+                                 name=f"{tag}/SubZeroPointTerm"),
+            ]
         replace[id(mm)] = new
         done += 1
     left += _token_readers_through_layout(g, tokens)
@@ -693,9 +687,10 @@ def _token_readers_through_layout(g: _Graph, tokens: dict) -> int:
     return n
 
 
-def _token_matmul_b(g: _Graph, mm, tag: str):
+def _token_matmul_b(g: _Graph, mm, tag: str, sums_needed: bool = True):
     """The integer form of a per-token matmul's B operand (see :func:`_lower_token_matmuls`): ``(codes, scale,
-    zero-point, scaled column sums, nodes, initializers)``, or ``None`` when B is neither form."""
+    zero-point, scaled column sums, nodes, initializers)``, or ``None`` when B is neither form. Without
+    ``sums_needed`` (A's row zero-points are all 0) the column sums are not built and their name is ``None``."""
     from onnx import TensorProto as T
     from onnx import helper, numpy_helper
 
@@ -711,12 +706,12 @@ def _token_matmul_b(g: _Graph, mm, tag: str):
         wz = np.zeros((), w.dtype) if wz is None else wz
         if wz.size > 1 and not (wz == wz.reshape(-1)[0]).all():
             return None
-        zp, sums = f"{tag}.w_zero_point", f"{tag}.zero_point_sums"
-        c = ws.astype(np.float64) * (w.astype(np.int64) - np.int64(wz.reshape(-1)[0])).sum(0)
-        inits = [
-            _int_tensor(np.array(wz.reshape(-1)[0], dtype=w.dtype), zp, T.INT8 if w.dtype == np.int8 else T.UINT8),
-            numpy_helper.from_array(np.broadcast_to(c, (w.shape[1],)).astype(np.float32), sums),
-        ]
+        zp, sums = f"{tag}.w_zero_point", f"{tag}.zero_point_sums" if sums_needed else None
+        inits = [_int_tensor(np.array(wz.reshape(-1)[0], dtype=w.dtype), zp,
+                             T.INT8 if w.dtype == np.int8 else T.UINT8)]
+        if sums_needed:
+            c = ws.astype(np.float64) * (w.astype(np.int64) - np.int64(wz.reshape(-1)[0])).sum(0)
+            inits.append(numpy_helper.from_array(np.broadcast_to(c, (w.shape[1],)).astype(np.float32), sums))
         return dq.input[0], dq.input[1], zp, sums, [], inits
     found = _static_codes_through_layout(g, mm.input[1])
     if found is None:
@@ -729,6 +724,8 @@ def _token_matmul_b(g: _Graph, mm, tag: str):
         node.attribute.extend(n.attribute)
         new.append(node)
         codes = out
+    if not sums_needed:
+        return codes, dq.input[1], dq.input[2], None, new, []
     axes, sums = f"{tag}.b_reduce_axes", f"{tag}.b_sums"
     new += [
         helper.make_node("Cast", [codes], [f"{tag}.b_float"], to=T.FLOAT, name=f"{tag}/CastB"),
