@@ -69,13 +69,20 @@ def main(argv=None) -> int:
     ap.add_argument("--gptq-asymmetric", action="store_true",
                     help="GPTQ fits each layer to the FP32 model's output of it (pegq.gptq_model, asymmetric)")
     ap.add_argument("--gptq-asym-damp", type=float, default=0.01)
+    ap.add_argument("--gptq-pair-limit", type=int, default=None, metavar="N",
+                    help="GPTQ keeps |q[2j] + q[2j+1]| <= N for adjacent weight inputs (128: x86 int8 kernels "
+                         "without VNNI compute exactly; pegq.quant.gptq.pair_limited_nearest)")
+    ap.add_argument("--gptq-pair-tolerance", type=float, default=None, metavar="T",
+                    help="with --gptq-pair-limit: keep a layer's limited rounding only where its proxy loss is "
+                         "<= (1 + T) x GPTQ's without the limit (use --weight-dtype exact)")
     ap.add_argument("--gptq-cls-weight", type=float, default=1.0,
                     help="weight of each sequence's first token in GPTQ's Hessian")
     ap.add_argument("--bias-correction", type=int, default=0, metavar="SEQUENCES",
                     help="also run empirical bias correction on this many training sequences (0: no)")
-    ap.add_argument("--weight-dtype", default="int8", choices=["int8", "uint8", "auto"],
+    ap.add_argument("--weight-dtype", default="int8", choices=["int8", "uint8", "auto", "exact"],
                     help="weight storage of the ORT rows (uint8: bit-exact with the simulation on CPUs without "
-                         "AVX-512 VNNI, where ORT's u8 x s8 kernel saturates pairs of products)")
+                         "AVX-512 VNNI, where ORT's u8 x s8 kernel saturates pairs of products; exact: uint8 only "
+                         "for weights with a pair that can saturate)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -172,13 +179,17 @@ def main(argv=None) -> int:
         qm, batches = calibrated([])
         t0 = time.time()
         run = GPTQRun(num_samples=args.gptq, cls_weight=args.gptq_cls_weight, asymmetric=args.gptq_asymmetric,
-                      asym_damp=args.gptq_asym_damp, layer=GPTQConfig(damp=args.gptq_damp))
+                      asym_damp=args.gptq_asym_damp, pair_tolerance=args.gptq_pair_tolerance,
+                      layer=GPTQConfig(damp=args.gptq_damp, pair_limit=args.gptq_pair_limit))
         rep = run_gptq(qm, task, tok, run, batches, progress=True)
         secs = time.time() - t0
         console.print(f"GPTQ: proxy loss sum {rep['proxy_nearest_sum']:.4g} (nearest) -> {rep['proxy_gptq_sum']:.4g}, "
                       f"{rep['layers_improved']}/{rep['layers']} layers lower, {secs:.0f} s")
         name = f"GPTQ{' asymmetric' if args.gptq_asymmetric else ''} ({args.gptq} seq)"
-        score(f"{name}, simulated", *predict(qm, loader, progress=False), gptq_s=secs)
+        layers = {n: {k: i[k] for k in ("proxy_nearest", "proxy_gptq", "proxy_unlimited", "pair_limited", "kept")
+                      if k in i} for n, i in rep["per_layer"].items()}
+        score(f"{name}, simulated", *predict(qm, loader, progress=False), gptq_s=secs,
+              gptq_proxy_sum=rep["proxy_gptq_sum"], gptq_pair_limited=rep["layers_pair_limited"], gptq_layers=layers)
         on_ort(qm, name)
 
     if args.bias_correction:

@@ -19,6 +19,8 @@ Rows, all on the CPU with ``--threads`` intra-op threads (default 2):
   groups' split matmuls);
   ``--presets`` picks others (e.g. ``peg-12p``, the int8 deployment presets ``w8a8-gemm`` / ``peg-gemm``,
   or a JSON/YAML config file), ``--weight-estimator mse`` their weight ranges;
+* ``--onnx LABEL=PATH`` rows: ONNX files made elsewhere, e.g. ``pegq export onnx`` of a ``pegq ptq --gptq``
+  output (``benchmarks/deploy_fidelity.py`` keeps its GPTQ export at ``runs/bench/deploy_fidelity-<model>-gptq.onnx``);
 * accuracy-only rows: the same pegq models simulated in PyTorch (fake quantization).
 
 Columns: median latency at each batch x sequence shape (round-robin over the variants, ``--repeats``
@@ -50,7 +52,8 @@ from common import cache_dir, model_path  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WEIGHT_LABELS = {"int8": "", "uint8": ", uint8 weights", "auto": ", uint8 group weights"}
+WEIGHT_LABELS = {"int8": "", "uint8": ", uint8 weights", "auto": ", uint8 group weights",
+                 "exact": ", uint8 weights where pairs can saturate"}
 PEGQ_LABELS = {"w8a8": "pegq W8A8", "mp-ptq": "pegq MP-PTQ", "peg-ptq": "pegq PEG-PTQ",
                "w8a8-gemm": "pegq W8A8-gemm", "peg-gemm": "pegq PEG-gemm", "peg-outlier-gemm": "pegq PEG-outlier-gemm"}
 
@@ -124,9 +127,17 @@ def main(argv=None) -> int:
                     "the PEG groups' split matmuls); default: int8, plus uint8 for PEG presets")
     ap.add_argument("--weight-estimator", choices=["current_minmax", "mse"], default=None,
                     help="weight range estimator of the pegq presets (default: theirs, min-max; MPNet needs mse)")
+    ap.add_argument("--onnx", action="append", default=[], metavar="LABEL=PATH",
+                    help="also time this ONNX file (e.g. `pegq export onnx` of a GPTQ checkpoint) as row LABEL")
     ap.add_argument("--workdir", default=None, help="keep the ONNX files here (default: a temporary folder)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    extra_onnx = {}
+    for item in args.onnx:
+        label, sep, path = item.partition("=")
+        if not sep or not label.strip() or not Path(path).is_file():
+            raise SystemExit(f"--onnx {item!r}: expected LABEL=PATH with an existing .onnx file")
+        extra_onnx[label.strip()] = Path(path)
     dtypes = [d.strip() for d in (args.weight_dtypes or "").split(",") if d.strip()]
     bad = [d for d in dtypes if d not in WEIGHT_LABELS]
     if bad:
@@ -245,6 +256,9 @@ def main(argv=None) -> int:
             variants[f"{label} (ORT{WEIGHT_LABELS[dt]})"] = ort_variant(path)
         simulated[f"{label} (simulated)"] = qm
         console.print(f"{label}: calibrated + exported in {time.time() - t0:.0f} s")
+
+    for label, path in extra_onnx.items():
+        variants[label] = ort_variant(path)
 
     for v in variants.values():
         if v["kind"] == "ort":

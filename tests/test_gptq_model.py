@@ -111,14 +111,18 @@ def test_ptq_gptq_cli(minilm_path, tmp_path):
 
     out = tmp_path / "ptq"
     args = ["ptq", "-m", minilm_path, "-t", "rotten_tomatoes", "-o", str(out), "-p", "w8a8", "--calib-batches", "2",
-            "--gptq", "--gptq-samples", "16", "--max-eval-examples", "32", "--quiet"]
+            "--gptq", "--gptq-samples", "16", "--max-eval-examples", "32", "--quiet", "--gptq-pair-limit", "128"]
     for o in ("encoder.layer.[1-5].*.weight=off", "pooler.weight=off", "classifier.weight=off"):  # layer 0 only
         args += ["--override", o]
     res = CliRunner().invoke(app, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     r = json.loads((out / "results.json").read_text())
     assert r["config_name"] == "w8a8+gptq" and r["gptq"]["num_sequences"] == 16
-    assert r["gptq"]["layers"] == r["gptq"]["layers_improved"] == 6
+    assert r["gptq"]["layers"] == r["gptq"]["layers_improved"] == r["gptq"]["layers_pair_limited"] == 6
+    assert r["gptq"]["settings"]["layer"]["pair_limit"] == 128
+    bad = [a for a in args if a not in ("--gptq-pair-limit", "128")] + ["--gptq-pair-tolerance", "0.1", "--overwrite"]
+    res = CliRunner().invoke(app, bad, catch_exceptions=False)
+    assert res.exit_code == 2 and "needs a pair_limit" in res.output
     assert not (out / ".gptq-state").exists()
     res = CliRunner().invoke(app, args + ["--adaround", "--overwrite"], catch_exceptions=False)
     assert res.exit_code == 2 and "pick one" in res.output
@@ -190,3 +194,43 @@ def test_asymmetric_gptq_fits_the_fp32_output(minilm_path, rt):
             y_fp = x_fp @ lin.weight.detach().T
         rows[asym] = float((y_q - y_fp).norm() / y_fp.norm())
     assert rows[True] < 0.95 * rows[False], rows  # measured 0.277 -> 0.088 (relative output error)
+
+
+def test_pair_tolerance_keeps_the_limit_only_where_it_is_cheap(minilm_path, rt):
+    """``pair_tolerance``: per layer, the pair-limited rounding (every |q[2j] + q[2j+1]| <= 128) is kept only where
+    its proxy loss is within (1 + T) of GPTQ without the limit; the others keep the unconstrained rounding and
+    their pairs over 128 (the export's ``exact`` storage makes those uint8). W8A8 on layer 0 of the real MiniLM."""
+    import copy
+
+    from pegq.api import calibrate, quantize
+    from pegq.models import load_model
+    from pegq.pipeline import calibration_batches
+    from pegq.quant.gptq import pair_overflows
+
+    model, tok = load_model(minilm_path, num_labels=2)
+    qm0 = quantize(model, "w8a8", overrides=["encoder.layer.[1-5].*.weight=off", "pooler.weight=off",
+                                             "classifier.weight=off"])
+    calibrate(qm0, calibration_batches(rt, tok, qm0.config)[:2], progress=False)
+    seqs = calibration_sequences(rt, tok, 16, batch_size=16)
+
+    def run(tol):
+        qm = copy.deepcopy(qm0)
+        info = gptq_model(qm, seqs, GPTQRun(num_samples=16, pair_tolerance=tol, layer=GPTQConfig(pair_limit=128)),
+                          progress=False)
+        over = {}
+        for n in info["per_layer"]:
+            q = qm.quantizers[n]
+            w = linear_weight_quantizers(qm)[n].parametrizations.weight.original.detach()
+            s = q.granularity.broadcast(q.qparams()[0].detach(), w, q.group_index)
+            over[n] = pair_overflows(torch.round(q(w) / s))
+        return info, over
+
+    info, over = run(0.0)  # the limit is never free: every layer that had pairs over 128 keeps them
+    per = info["per_layer"]
+    assert info["layers"] == 6 and info["layers_pair_limited"] < 6
+    for n, i in per.items():
+        assert i["pair_limited"] == (i["proxy_limited"] <= i["proxy_unlimited"]) and (over[n] == 0) >= i["pair_limited"]
+        assert i["proxy_gptq"] == min(i["proxy_limited"], i["proxy_unlimited"]) or i["kept"] == "nearest"
+    assert any(over.values())
+    info, over = run(1e9)  # any cost accepted: every layer limited, no pair over 128
+    assert info["layers_pair_limited"] == 6 and not any(over.values())

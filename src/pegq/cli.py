@@ -197,6 +197,15 @@ def ptq(
                                                   "target, a fraction of mean(diag H), in (0, 1).")] = 0.01,
     gptq_cls_weight: Annotated[float, typer.Option(help="GPTQ: weight of each sequence's first token (what a "
                                                    "classifier reads) in H, > 0.")] = 1.0,
+    gptq_pair_limit: Annotated[int | None, typer.Option(
+        help="GPTQ keeps |q[2j] + q[2j+1]| <= N for every pair of adjacent weight inputs of 8-bit symmetric "
+             "weights: with 128, ONNX Runtime's uint8 x int8 kernels on x86 CPUs without VNNI (which add such "
+             "pairs in int16) compute exactly what the simulation does, so `pegq export onnx --weight-dtype "
+             "int8` is fast and exact there.")] = None,
+    gptq_pair_tolerance: Annotated[float | None, typer.Option(
+        help="With --gptq-pair-limit: keep a layer's limited rounding only where its proxy loss is at most "
+             "(1 + T) x GPTQ's without the limit; the other layers need --weight-dtype exact (uint8) to be "
+             "exact on those CPUs.")] = None,
     clipping: Annotated[bool, typer.Option("--clipping", help="Also split each activation quantizer's error on "
                                            "the dev split into clipping (values outside the calibrated range) "
                                            "and rounding; results.json key 'clipping'.")] = False,
@@ -222,7 +231,9 @@ def ptq(
             from .quant.gptq import GPTQConfig
 
             gq = GPTQRun(num_samples=gptq_samples, seed=cfg.calibration.seed, asymmetric=gptq_asymmetric,
-                         asym_damp=gptq_asym_damp, cls_weight=gptq_cls_weight, layer=GPTQConfig(damp=gptq_damp))
+                         asym_damp=gptq_asym_damp, cls_weight=gptq_cls_weight,
+                         pair_tolerance=gptq_pair_tolerance,
+                         layer=GPTQConfig(damp=gptq_damp, pair_limit=gptq_pair_limit))
         r = run_ptq(model, task, cfg, output, overrides=override, data_dir=data_dir,
                     max_eval_examples=max_eval_examples, overwrite=overwrite, progress=not quiet,
                     task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels),

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,8 +54,8 @@ from .adaround_model import (
     state_dir_for,
 )
 from .models.base import QuantizedModel
-from .quant.adaround import nearest_offset
-from .quant.gptq import GPTQConfig, Hessian, gptq_offset
+from .quant.adaround import _inv, nearest_offset
+from .quant.gptq import GPTQConfig, Hessian, gptq_offset, pair_limited_nearest
 
 STATE_FILE = "gptq_state.pt"
 
@@ -73,6 +73,10 @@ class GPTQRun:
     asymmetric: bool = False
     asym_damp: float = 0.01  # ridge of the asymmetric least-squares target, a fraction of mean(diag H)
     layer: GPTQConfig = field(default_factory=GPTQConfig)
+    # with layer.pair_limit: keep a layer's pair-limited rounding only where its proxy loss is at most
+    # (1 + pair_tolerance) x that of GPTQ without the limit, else the unconstrained one (exact only as uint8:
+    # `pegq export onnx --weight-dtype exact`); None: every layer limited
+    pair_tolerance: float | None = None
 
     def __post_init__(self):
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -83,6 +87,11 @@ class GPTQRun:
             raise ValueError(f"GPTQ batch_size must be >= 1, got {self.batch_size}")
         if not 0 < self.asym_damp < 1:
             raise ValueError(f"GPTQ asym_damp must be in (0, 1), got {self.asym_damp}")
+        if self.pair_tolerance is not None:
+            if self.layer.pair_limit is None:
+                raise ValueError("GPTQ pair_tolerance needs a pair_limit (--gptq-pair-limit)")
+            if not self.pair_tolerance >= 0:
+                raise ValueError(f"GPTQ pair_tolerance must be >= 0, got {self.pair_tolerance}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -258,13 +267,33 @@ def gptq_model(
             gran = q.granularity
             s = gran.broadcast(scale.detach(), w, q.group_index)
             z = None if q.symmetric else gran.broadcast(zero.detach(), w, q.group_index)
-            offset, info = gptq_offset(target, s, z, q.qmin, q.qmax, h, run.layer, base=w)
+            limit = run.layer.pair_limit if z is None else None  # only a symmetric grid has int8 pair sums
+            layer_cfg = run.layer if limit is not None else replace(run.layer, pair_limit=None)
+            offset, info = gptq_offset(target, s, z, q.qmin, q.qmax, h, layer_cfg, base=w)
             info["rows"] = hess.rows
             info["kept"] = "gptq"
             if info["proxy_gptq"] > info["proxy_nearest"]:
                 # a safeguard (as for AdaRound): never worse than nearest on the calibration rows
                 offset = nearest_offset(w.float(), s).to(torch.int16)
+                if limit is not None:
+                    v = w.float() * _inv(s)
+                    offset = (pair_limited_nearest(v, q.qmin, q.qmax, limit) - torch.floor(v)).to(torch.int16)
                 info["kept"] = "nearest"
+            if limit is not None and run.pair_tolerance is not None:
+                free, free_info = gptq_offset(target, s, z, q.qmin, q.qmax, h, replace(run.layer, pair_limit=None),
+                                              base=w)
+                best = min(free_info["proxy_gptq"], free_info["proxy_nearest"])
+                info["proxy_unlimited"] = best
+                info["proxy_limited"] = min(info["proxy_gptq"], info["proxy_nearest"])
+                if info["proxy_limited"] > (1 + run.pair_tolerance) * best:
+                    # the limit costs too much here: unconstrained (uint8 for an exact export)
+                    offset, info["kept"] = free, "gptq"
+                    if free_info["proxy_gptq"] > free_info["proxy_nearest"]:
+                        offset, info["kept"] = nearest_offset(w.float(), s).to(torch.int16), "nearest"
+                    info.update({k: free_info[k] for k in ("proxy_nearest", "proxy_gptq", "changed_vs_nearest",
+                                                           "max_steps_from_nearest")})
+                    limit = None
+            info["pair_limited"] = limit is not None
             q.round_offset = offset.to(w.device)
             st["done"][n] = offset.cpu()
             st["info"][n] = info
@@ -283,6 +312,7 @@ def gptq_model(
         "proxy_gptq_sum": sum(i["proxy_gptq"] for i in infos.values()),
         "layers_improved": sum(i["proxy_gptq"] < i["proxy_nearest"] for i in infos.values()),
         "layers_kept_nearest": sum(i["kept"] == "nearest" for i in infos.values()),
+        "layers_pair_limited": sum(bool(i.get("pair_limited")) for i in infos.values()),
         "per_layer": infos,
     }
 

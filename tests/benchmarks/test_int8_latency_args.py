@@ -1,4 +1,5 @@
-"""benchmarks/int8_latency.py: --skip-eval names rows exactly, including names that hold commas."""
+"""benchmarks/int8_latency.py: --skip-eval names rows exactly, including names that hold commas; --onnx
+rows need LABEL=PATH with an existing file."""
 
 import importlib.util
 import sys
@@ -37,3 +38,9 @@ def test_comma_list_still_accepted(bench):
 def test_unknown_name_is_one_line_error(bench):
     with pytest.raises(SystemExit, match="no variant named 'PyTorch bf17'"):
         bench.skipped_variants(["PyTorch bf17"], ROWS)
+
+
+def test_bad_extra_onnx_is_one_line_error(bench, tmp_path):
+    for item in ("no-equals-sign", f"row={tmp_path / 'missing.onnx'}", f" ={tmp_path}"):
+        with pytest.raises(SystemExit, match="expected LABEL=PATH with an existing .onnx file"):
+            bench.main(["--onnx", item])

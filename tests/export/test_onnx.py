@@ -589,3 +589,103 @@ def test_per_token_query_stays_a_float_matmul_and_is_counted_as_left(tmp_path, o
     par = per_tensor_parity(prepare(qm), info["path"], batch)
     assert par["missing"] == [] and par["max_steps"] <= 1
     assert par["forced_output_max_abs_diff"] <= 1e-5
+
+
+def _has_vnni() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return True  # unknown CPU: do not assume saturation
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _ort_matmul_integer(a, b):
+    """ORT's ``MatMulInteger`` of uint8 ``a`` [M, K] by the constant int8 ``b`` [K, N] (int32 out)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "mm",
+                          [helper.make_tensor_value_info("A", TensorProto.UINT8, list(a.shape))],
+                          [helper.make_tensor_value_info("Y", TensorProto.INT32, None)],
+                          [numpy_helper.from_array(b, "B")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+
+
+def test_exact_weight_dtype_stores_uint8_only_where_a_pair_can_saturate(tmp_path, one_thread):
+    """``weight_dtype="exact"``: a weight with a pair of adjacent inputs ``|q0 + q1| > 128`` (which x86 CPUs
+    without VNNI can saturate in int16) is stored uint8, every other one int8; with int8 the summary lists the
+    risky weights and how many pairs each has."""
+    from models_helpers import pad_id_of, padded_batch, tiny_model
+
+    m = tiny_model("bert", True)
+    with torch.no_grad():
+        m.bert.encoder.layer[1].intermediate.dense.weight[:, 4:6] = 3.0  # two heavy adjacent inputs: every row
+        m.bert.encoder.layer[0].intermediate.dense.weight.mul_(0.01)[:, 0] = 1.0  # one heavy input: no pair
+    qm = pegq.quantize(m, "w8a8")
+    pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
+    plain = export_onnx(qm, tmp_path / "int8.onnx", weight_dtype="int8")
+    risky = plain["int8_pair_overflows"]
+    heavy, light = "encoder.layer.1.ffn.intermediate.weight", "encoder.layer.0.ffn.intermediate.weight"
+    assert risky[heavy] >= 37 and light not in risky  # the tiny FFN has 37 hidden units: one pair per row
+    meta = metadata(plain["path"])["pegq.quantizers"]
+    assert risky == {k: v["pair_overflows"] for k, v in meta.items() if v.get("pair_overflows")}
+    exact = export_onnx(qm, tmp_path / "exact.onnx", weight_dtype="exact")
+    assert exact["int8_pair_overflows"] == {}
+    meta = metadata(exact["path"])["pegq.quantizers"]
+    assert {k for k, v in meta.items() if v["kind"] == "weight" and v["dtype"] == "uint8"} == set(risky)
+    assert meta[light]["dtype"] == "int8" and meta[light]["pair_overflows"] == 0
+    par = per_tensor_parity(prepare(qm), exact["path"], padded_batch(pad_id_of(m), seed=2))
+    assert par["weight_max_steps"] == 0 and par["max_steps"] <= 1
+
+
+def test_minilm_pair_limited_gptq_weights_are_exact_int8(minilm, tmp_path):
+    """x86 CPUs without VNNI add the products of weight inputs 2j and 2j+1 in a saturating int16, so int8
+    weights with |q[2j] + q[2j+1]| > 128 can make ORT differ from the simulation. On the real MiniLM with
+    ``sq-token-probs-gemm``: round-to-nearest leaves such pairs (listed by ``int8_pair_overflows``); after GPTQ with
+    ``pair_limit=128`` there are none, ``weight_dtype="exact"`` keeps every weight int8, ORT's integer matmul
+    reproduces them exactly on the worst input (every code 255) and per-tensor parity holds. (Weights of layer 0,
+    the pooler and the head only, to keep GPTQ short.)"""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from pegq.gptq_model import GPTQRun, gptq_model
+    from pegq.quant.gptq import GPTQConfig, pair_overflows
+
+    def ffn_weight(path):
+        t = metadata(path)["pegq.quantizers"]["encoder.layer.0.ffn.intermediate.weight"]["tensor"]
+        return numpy_helper.to_array(next(i for i in onnx.load(path).graph.initializer if i.name == t))
+
+    qm, tok = _minilm_calibrated(minilm, "sq-token-probs-gemm", ["encoder.layer.[1-5].*.weight=off"])
+    plain = export_onnx(qm, tmp_path / "rtn-int8.onnx", weight_dtype="int8")
+    assert len(plain["int8_pair_overflows"]) >= 6  # every Linear of layer 0 has pairs over 128
+    w = ffn_weight(plain["path"])  # [in, out]: the matmul's K runs along axis 0
+    a = np.full((4, w.shape[0]), 255, np.uint8)
+    a[1] = np.random.default_rng(0).integers(0, 256, w.shape[0])
+    if not _has_vnni():  # round-to-nearest weights do saturate on this CPU
+        assert pair_overflows(torch.from_numpy(w.T.copy())) > 0
+        assert not np.array_equal(_ort_matmul_integer(a, w), a.astype(np.int64) @ w.astype(np.int64))
+
+    seqs = [dict(tok(s, padding=True, return_tensors="pt")) for s in
+            (["a gorgeous, witty, seductive movie.", "unfunny and lame."],
+             ["the story is predictable and the characters are thin.", "it's a charming and often affecting journey."])]
+    info = gptq_model(qm, seqs, GPTQRun(num_samples=4, layer=GPTQConfig(pair_limit=128)), progress=False)
+    assert info["layers_pair_limited"] == info["layers"]
+    out = export_onnx(qm, tmp_path / "gptq-exact.onnx", weight_dtype="exact")
+    assert out["int8_pair_overflows"] == {}
+    meta = metadata(out["path"])["pegq.quantizers"]
+    assert not [k for k, v in meta.items() if v["kind"] == "weight" and v["dtype"] != "int8"]
+    b = ffn_weight(out["path"])
+    assert b.dtype == np.int8 and pair_overflows(torch.from_numpy(b.T.copy())) == 0
+    assert np.array_equal(_ort_matmul_integer(a, b), a.astype(np.int64) @ b.astype(np.int64))
+
+    batch = dict(tok(["dull", "an utterly charming and hilarious film that reaches for the stars"], padding=True,
+                     return_tensors="pt"))
+    par = per_tensor_parity(prepare(qm), out["path"], batch)
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert par["forced_output_max_abs_diff"] <= 1e-4
+    assert par["output_max_abs_diff"] <= 0.05

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pegq.quant import PerChannel, Quantizer, QuantState
 from pegq.quant.adaround import fake_quant_fixed_rounding
-from pegq.quant.gptq import GPTQConfig, Hessian, gptq_offset, proxy_loss
+from pegq.quant.gptq import GPTQConfig, Hessian, gptq_offset, pair_limited_nearest, pair_overflows, proxy_loss
 
 
 def _layer(out_f=32, in_f=64, rows=3000, seed=0):
@@ -121,3 +121,78 @@ def test_bad_input_is_refused():
         hess.add(torch.randn(3, 6), torch.tensor([1.0, -1.0, 1.0]))
     with pytest.raises(ValueError, match="damp"):
         GPTQConfig(damp=1.5)
+
+
+# ----------------------------------------------------------------------------- pair limit (x86 int16 pair sums)
+
+
+def _pair_sums(q):
+    n = q.shape[-1] - q.shape[-1] % 2
+    return q[..., 0:n:2] + q[..., 1:n:2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(out_f=st.integers(1, 6), in_f=st.integers(1, 24), limit=st.integers(1, 255), spread=st.floats(0.5, 200),
+       seed=st.integers(0, 2**16))
+def test_pair_limited_nearest_is_the_closest_pair_within_the_limit(out_f, in_f, limit, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = (torch.rand(out_f, in_f, generator=g) * 2 - 1) * spread
+    q = pair_limited_nearest(v, -128, 127, limit)
+    assert bool((q == q.round()).all()) and q.min() >= -128 and q.max() <= 127
+    assert pair_overflows(q, limit) == 0
+    nearest = torch.clamp(torch.round(v), -128, 127)
+    ok = _pair_sums(nearest).abs() <= limit
+    n = in_f - in_f % 2
+    # pairs within the limit are plain round-to-nearest, as is an odd last input
+    assert torch.equal(q[:, 0:n:2][ok], nearest[:, 0:n:2][ok]) and torch.equal(q[:, 1:n:2][ok], nearest[:, 1:n:2][ok])
+    assert torch.equal(q[:, n:], nearest[:, n:])
+    # a pair over it: no integer pair on the grid within the limit is closer (brute force over the grid)
+    grid = torch.arange(-128, 128, dtype=torch.float32)
+    a, b = torch.meshgrid(grid, grid, indexing="ij")
+    feasible = (a + b).abs() <= limit
+    for r, c in (~ok).nonzero().tolist()[:3]:
+        v0, v1 = v[r, 2 * c], v[r, 2 * c + 1]
+        best = ((a - v0) ** 2 + (b - v1) ** 2)[feasible].min()
+        got = (q[r, 2 * c] - v0) ** 2 + (q[r, 2 * c + 1] - v1) ** 2
+        assert got <= best + 1e-3, (float(got), float(best))
+
+
+def test_pair_overflows_counts_pairs_along_the_inputs():
+    q = torch.tensor([[127, 2, 127, -1, 5], [-128, -1, 64, 64, 127]])
+    assert pair_overflows(q) == 2 and pair_overflows(q, limit=127) == 3 and pair_overflows(q[:, :4].T) == 1
+
+
+def test_gptq_with_pair_limit():
+    w, x = _layer(out_f=48, in_f=96)
+    w[:, 10:12] *= 6  # a few heavy inputs, as smoothing makes them: their pairs overflow when rounded
+    w[:, 40:52] *= 3
+    h = Hessian(96)
+    h.add(x)
+    s = w.abs().amax(1, keepdim=True) / 127
+    free, info_free = gptq_offset(w, s, None, -128, 127, h.h)
+    code_free = torch.round(fake_quant_fixed_rounding(w, s.expand_as(w), None, -128, 127, free) / s)
+    assert pair_overflows(code_free) > 0  # the constraint has something to do
+    off, info = gptq_offset(w, s, None, -128, 127, h.h, GPTQConfig(pair_limit=128, block_size=16))
+    code = torch.round(fake_quant_fixed_rounding(w, s.expand_as(w), None, -128, 127, off) / s)
+    assert pair_overflows(code) == 0 and code.min() >= -128 and code.max() <= 127
+    # it still compensates: better than the pair-limited nearest it reports, worse than unconstrained GPTQ
+    assert info["proxy_gptq"] < info["proxy_nearest"]
+    assert info_free["proxy_gptq"] < info["proxy_gptq"]
+    limited = pair_limited_nearest(w / s, -128, 127, 128)
+    assert info["proxy_nearest"] == pytest.approx(proxy_loss(w, limited * s, h.h.double()))
+    # a limit no pair reaches changes nothing
+    same, _ = gptq_offset(w, s, None, -128, 127, h.h, GPTQConfig(pair_limit=255))
+    assert torch.equal(same, free)
+
+
+def test_pair_limit_bad_input():
+    with pytest.raises(ValueError, match="pair_limit"):
+        GPTQConfig(pair_limit=0)
+    with pytest.raises(ValueError, match="pair_limit"):
+        GPTQConfig(pair_limit=True)
+    w, x = _layer(out_f=4, in_f=8)
+    h = Hessian(8)
+    h.add(x)
+    s = torch.full((4, 1), 0.01)
+    with pytest.raises(ValueError, match="symmetric"):
+        gptq_offset(w, s, torch.full((4, 1), 3.0), 0, 255, h.h, GPTQConfig(pair_limit=128))

@@ -38,8 +38,10 @@ def onnx_cmd(
     override: _OVERRIDE = None,
     weight_dtype: Annotated[str, typer.Option(
         "--weight-dtype", help="int8 (standard, fastest), uint8 (zero-point 128: bit-exact on x86 CPUs "
-        "without VNNI, where ORT's int8 x uint8 kernel can saturate) or auto (uint8 only for the PEG "
-        "groups' split matmuls, which saturate most).")] = "int8",
+        "without VNNI, where ORT's int8 x uint8 kernel can saturate), auto (uint8 only for the PEG "
+        "groups' split matmuls, which saturate most) or exact (uint8 only for the weights with a pair of "
+        "adjacent inputs that can saturate, |q0 + q1| > 128; all int8 after pegq ptq --gptq-pair-limit 128)."
+        )] = "int8",
     eval_: Annotated[bool, typer.Option("--eval", help="Score ORT and the simulated model on the dev split.")] = False,
     max_eval_examples: Annotated[int | None, typer.Option(help="Score only the first N dev examples.")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads for the checks.")] = 2,

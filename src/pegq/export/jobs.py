@@ -179,6 +179,11 @@ def onnx_table(info: dict):
         t.add_row("ORT int8 kernels", f"{k['int8_kernels']} ("
                   + ", ".join(f"{op} x{n}" for op, n in k["ops"].items() if op in _INT8) + f"); "
                   f"float MatMul/Gemm left: {k['float_matmuls']}")
+    risky = info.get("int8_pair_overflows")
+    if risky:
+        t.add_row("int8 pair sums", f"{sum(risky.values())} pairs of adjacent inputs in {len(risky)} int8 weights "
+                  "have |q0 + q1| > 128: x86 CPUs without VNNI can saturate them, and ORT then differs from the "
+                  "simulation (--weight-dtype exact, or pegq ptq --gptq --gptq-pair-limit 128, avoids it)")
     p = info.get("parity")
     if p:
         t.add_row("per-tensor parity", f"max {p['max_steps']} step(s) from the simulated model "

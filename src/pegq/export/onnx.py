@@ -25,7 +25,11 @@ How a calibrated :class:`~pegq.models.QuantizedModel` becomes a QDQ ONNX model:
      Linears: a PEG group without outliers has a near-symmetric range, so its uint8 zero-point is ~128
      and pairs of large codes with large weights saturate often (measured: MPNet peg-gemm collapses
      to chance), while per-tensor inputs with an outlier range rarely do; the other matmuls keep the
-     faster uint8 x int8 kernel.
+     faster uint8 x int8 kernel. ``weight_dtype="exact"`` stores uint8 only the weights that can saturate
+     at all: those with a pair of adjacent inputs ``|q[2j] + q[2j+1]| > 128`` (ORT's x86 kernels add the
+     products of inputs ``2j`` and ``2j+1`` in int16; :func:`pegq.quant.gptq.pair_limited_nearest`);
+     after GPTQ with ``pair_limit=128`` none can, and every weight stays int8. The export summary
+     (``int8_pair_overflows``) lists the int8 weights that can.
    * a smoothed activation (:mod:`pegq.smooth`) -> ``Mul(1/s) -> QuantizeLinear -> DequantizeLinear ->
      Div(1/s)``, a smoothed weight -> the integers of ``W diag(s)`` + ``DequantizeLinear`` + ``Mul(1/s)``;
      ``_fold_smooth`` then lets each matmul read the ``DequantizeLinear`` outputs on both sides (the
@@ -70,13 +74,17 @@ from torch import nn
 from ..io import atomic_write_bytes
 from ..models.base import QuantizedModel
 from ..quant import PerChannel, PerTensor, Quantizer, QuantState
+from ..quant.gptq import pair_overflows
 from .rewrite import RewriteError, rewrite_peg
 
 OPSET = 21
 IR_VERSION = 10
 TRACE_OPSET = 20  # the TorchScript exporter's newest opset; ops used here are unchanged in 21
 ACTIVATION_BITS = (8, 16)
-WEIGHT_DTYPES = ("int8", "uint8", "auto")
+WEIGHT_DTYPES = ("int8", "uint8", "auto", "exact")
+# |q[2j] + q[2j+1]| above this can saturate ORT's uint8 x int8 kernels on x86 CPUs without VNNI
+# (pegq.quant.gptq.pair_limited_nearest)
+PAIR_LIMIT = 128
 # weights of the split Linear layers of the PEG rewrite (pegq.export.rewrite): their inputs are PEG groups
 _GROUP_WEIGHT = re.compile(r"\.g\d+\.weight$")
 INT8_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul",
@@ -419,15 +427,21 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
         dtype, np_dtype = _dtype_for(q.bits, q.symmetric, is_weight)
         s, z = qparams_numpy(q)
         shift = 0
-        u8 = weight_dtype == "uint8" or (weight_dtype == "auto" and _GROUP_WEIGHT.search(name) is not None)
-        if is_weight and u8 and 4 < q.bits <= 8 and q.symmetric:
-            dtype, np_dtype, shift = T.UINT8, np.uint8, 128
         if is_weight:
             src = node.input[0]
             if src not in g.inits:
                 raise ExportError(f"{name}: the traced weight is not a constant ({src}); cannot store it as integers")
             w = torch.from_numpy(numpy_helper.to_array(g.inits[src]).copy())
-            codes = (weight_codes(q, w) + shift).astype(np_dtype)
+            codes = weight_codes(q, w)
+            signed8 = 4 < q.bits <= 8 and q.symmetric
+            # a Linear's [out, in] codes: the pairs along `in` that ORT's int16 pair sums could saturate
+            over = pair_overflows(torch.from_numpy(codes), PAIR_LIMIT) if (
+                signed8 and codes.ndim == 2 and isinstance(qm._weight_owner.get(name), nn.Linear)) else 0
+            u8 = (weight_dtype == "uint8" or (weight_dtype == "auto" and _GROUP_WEIGHT.search(name) is not None)
+                  or (weight_dtype == "exact" and over > 0))
+            if u8 and signed8:
+                dtype, np_dtype, shift = T.UINT8, np.uint8, 128
+            codes = (codes + shift).astype(np_dtype)
             z = z + shift
             axis = None
             if isinstance(q.granularity, PerChannel):
@@ -453,7 +467,8 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
                                                   name=f"{tag}/SmoothMul"))
             fp32_dropped.add(src)
             info[tag] = {"kind": "weight", "bits": q.bits, "dtype": _dtype_name(dtype), "tensor": w_name,
-                         "shape": list(codes.shape), "axis": axis, "smoothed": q.smooth is not None}
+                         "shape": list(codes.shape), "axis": axis, "smoothed": q.smooth is not None,
+                         "pair_overflows": over}
         else:
             s_name, z_name, q_out = f"{tag}.scale", f"{tag}.zero_point", f"{tag}.q"
             if not q.granularity.dynamic:
@@ -1172,6 +1187,8 @@ def export_onnx(
     path = Path(path)
     atomic_write_bytes(path, data)
     kinds = Counter(f"{v['kind']}:{v['dtype']}" for v in low["quantizers"].values())
+    risky = {k: v["pair_overflows"] for k, v in low["quantizers"].items()
+             if v["kind"] == "weight" and v["dtype"] == "int8" and v.get("pair_overflows")}
     return {
         "path": str(path),
         "bytes": len(data),
@@ -1179,6 +1196,9 @@ def export_onnx(
         "peg_layers": len({v["layer"] for v in (getattr(em, "peg_rewrite", None) or {}).values()}),
         "peg_blocks": len(getattr(em, "peg_rewrite", None) or {}),
         "folds": low["folds"],
+        # int8 weights with pairs of adjacent inputs that x86 CPUs without VNNI can saturate (ORT's result then
+        # differs from the simulation there): weight -> number of such pairs
+        "int8_pair_overflows": risky,
         "inputs": input_names,
         "output": output,
         "export_s": time.perf_counter() - t0,
