@@ -193,7 +193,8 @@ def gptq_offset(
     perm = torch.argsort(torch.diagonal(h), descending=True) if cfg.act_order else torch.arange(cols)
     h = h[perm][:, perm]
     h.diagonal().add_(cfg.damp * float(torch.diagonal(h).mean()))
-    # H^-1 by cholesky_solve: torch's cholesky_inverse is ~30x slower on CPU at 1536 columns (measured)
+    # H^-1 by cholesky_solve: on a 2-core AVX2 CPU torch's cholesky_inverse took 1.9-11 s at 768-1536 columns,
+    # cholesky_solve 0.07-0.34 s (equal to 1e-14)
     eye = torch.eye(cols, dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_solve(eye, torch.linalg.cholesky(h)), upper=True)
     hinv = hinv.to(device=w0.device, dtype=torch.float32)
