@@ -230,6 +230,20 @@ def asymmetric_target(w: torch.Tensor, h: torch.Tensor, g: torch.Tensor, damp: f
     return (wd + corr).to(device=w.device, dtype=torch.float32)
 
 
+def _guarded_gptq(target, w, s, z, q, h, cfg: GPTQConfig):
+    """GPTQ of ``target`` on ``q``'s grid (``s``, ``z``; pair-limited when ``cfg.pair_limit`` is set) with a
+    safeguard (as for AdaRound): never worse than (pair-limited) nearest of ``w`` on the calibration rows.
+    ``(offset, info)``, ``info["kept"]`` saying which."""
+    offset, info = gptq_offset(target, s, z, q.qmin, q.qmax, h, cfg, base=w)
+    info["kept"] = "gptq"
+    if info["proxy_gptq"] > info["proxy_nearest"]:
+        offset, info["kept"] = nearest_offset(w.float(), s).to(torch.int16), "nearest"
+        if cfg.pair_limit is not None:
+            v = w.float() * _inv(s)
+            offset = (pair_limited_nearest(v, q.qmin, q.qmax, cfg.pair_limit) - torch.floor(v)).to(torch.int16)
+    return offset, info
+
+
 def gptq_model(
     qm: QuantizedModel,
     batches: list[dict],
@@ -268,30 +282,17 @@ def gptq_model(
             s = gran.broadcast(scale.detach(), w, q.group_index)
             z = None if q.symmetric else gran.broadcast(zero.detach(), w, q.group_index)
             limit = run.layer.pair_limit if z is None else None  # only a symmetric grid has int8 pair sums
-            layer_cfg = run.layer if limit is not None else replace(run.layer, pair_limit=None)
-            offset, info = gptq_offset(target, s, z, q.qmin, q.qmax, h, layer_cfg, base=w)
+            offset, info = _guarded_gptq(target, w, s, z, q, h, replace(run.layer, pair_limit=limit))
             info["rows"] = hess.rows
-            info["kept"] = "gptq"
-            if info["proxy_gptq"] > info["proxy_nearest"]:
-                # a safeguard (as for AdaRound): never worse than nearest on the calibration rows
-                offset = nearest_offset(w.float(), s).to(torch.int16)
-                if limit is not None:
-                    v = w.float() * _inv(s)
-                    offset = (pair_limited_nearest(v, q.qmin, q.qmax, limit) - torch.floor(v)).to(torch.int16)
-                info["kept"] = "nearest"
             if limit is not None and run.pair_tolerance is not None:
-                free, free_info = gptq_offset(target, s, z, q.qmin, q.qmax, h, replace(run.layer, pair_limit=None),
-                                              base=w)
-                best = min(free_info["proxy_gptq"], free_info["proxy_nearest"])
-                info["proxy_unlimited"] = best
+                free, free_info = _guarded_gptq(target, w, s, z, q, h, replace(run.layer, pair_limit=None))
+                info["proxy_unlimited"] = min(free_info["proxy_gptq"], free_info["proxy_nearest"])
                 info["proxy_limited"] = min(info["proxy_gptq"], info["proxy_nearest"])
-                if info["proxy_limited"] > (1 + run.pair_tolerance) * best:
+                if info["proxy_limited"] > (1 + run.pair_tolerance) * info["proxy_unlimited"]:
                     # the limit costs too much here: unconstrained (uint8 for an exact export)
-                    offset, info["kept"] = free, "gptq"
-                    if free_info["proxy_gptq"] > free_info["proxy_nearest"]:
-                        offset, info["kept"] = nearest_offset(w.float(), s).to(torch.int16), "nearest"
-                    info.update({k: free_info[k] for k in ("proxy_nearest", "proxy_gptq", "changed_vs_nearest",
-                                                           "max_steps_from_nearest")})
+                    offset = free
+                    info.update({k: free_info[k] for k in ("kept", "proxy_nearest", "proxy_gptq",
+                                                           "changed_vs_nearest", "max_steps_from_nearest")})
                     limit = None
             info["pair_limited"] = limit is not None
             q.round_offset = offset.to(w.device)

@@ -592,8 +592,10 @@ def test_per_token_query_stays_a_float_matmul_and_is_counted_as_left(tmp_path, o
 
 
 def _has_vnni() -> bool:
+    from pathlib import Path
+
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return True  # unknown CPU: do not assume saturation
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))

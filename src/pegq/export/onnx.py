@@ -74,7 +74,7 @@ from torch import nn
 from ..io import atomic_write_bytes
 from ..models.base import QuantizedModel
 from ..quant import PerChannel, PerTensor, Quantizer, QuantState
-from ..quant.gptq import pair_overflows
+from ..quant.gptq import PAIR_LIMIT, pair_overflows
 from .rewrite import RewriteError, rewrite_peg
 
 OPSET = 21
@@ -82,9 +82,6 @@ IR_VERSION = 10
 TRACE_OPSET = 20  # the TorchScript exporter's newest opset; ops used here are unchanged in 21
 ACTIVATION_BITS = (8, 16)
 WEIGHT_DTYPES = ("int8", "uint8", "auto", "exact")
-# |q[2j] + q[2j+1]| above this can saturate ORT's uint8 x int8 kernels on x86 CPUs without VNNI
-# (pegq.quant.gptq.pair_limited_nearest)
-PAIR_LIMIT = 128
 # weights of the split Linear layers of the PEG rewrite (pegq.export.rewrite): their inputs are PEG groups
 _GROUP_WEIGHT = re.compile(r"\.g\d+\.weight$")
 INT8_KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul",

@@ -128,7 +128,11 @@ def pair_limited_nearest(v: torch.Tensor, qmin: int, qmax: int, limit: int) -> t
     return q
 
 
-def pair_overflows(codes: torch.Tensor, limit: int = 128) -> int:
+# |q[2j] + q[2j+1]| <= PAIR_LIMIT keeps x86 uint8 x int8 int16 pair sums exact (see pair_limited_nearest)
+PAIR_LIMIT = 128
+
+
+def pair_overflows(codes: torch.Tensor, limit: int = PAIR_LIMIT) -> int:
     """How many pairs of adjacent inputs ``(2j, 2j+1)`` along the last axis of integer weight ``codes``
     (a Linear's ``[out, in]``) have ``|q0 + q1| > limit``: with ``limit = 128``, the pairs whose int16 sum
     can saturate in x86 uint8 x int8 kernels without VNNI (see :func:`pair_limited_nearest`)."""
@@ -211,8 +215,9 @@ def gptq_offset(
         for i in range(i2 - i1):
             col = w1[:, i : i + 1]
             q = codes(col)
-            partner = int(perm[i1 + i]) ^ 1  # the input this one shares an int16 pair sum with
-            if limit is not None and partner < cols - cols % 2:
+            # the input this one shares an int16 pair sum with (an odd last input has none)
+            partner = int(perm[i1 + i]) ^ 1 if limit is not None else cols
+            if partner < cols - cols % 2:
                 j = int(pos[partner])
                 if j < i1 + i:  # the partner is rounded: keep within what it left
                     done = out[:, j : j + 1]
