@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gptq-pair-tolerance", type=float, default=None, metavar="T",
                     help="with --gptq-pair-limit: keep a layer's limited rounding only where its proxy loss is "
                          "<= (1 + T) x GPTQ's without the limit (use --weight-dtype exact)")
+    ap.add_argument("--gptq-scales", default=None, metavar="M1,M2,...",
+                    help="GPTQ: multipliers of each weight row's scale to search (default: 1.0-2.0 with "
+                         "--gptq-pair-limit, none without; '1' turns the search off)")
     ap.add_argument("--gptq-cls-weight", type=float, default=1.0,
                     help="weight of each sequence's first token in GPTQ's Hessian")
     ap.add_argument("--bias-correction", type=int, default=0, metavar="SEQUENCES",
@@ -85,6 +88,11 @@ def main(argv=None) -> int:
                          "for weights with a pair that can saturate)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.gptq_scales is not None:
+        try:
+            args.gptq_scales = tuple(float(m) for m in args.gptq_scales.split(","))
+        except ValueError:
+            ap.error(f"--gptq-scales takes comma-separated numbers, got {args.gptq_scales!r}")
 
     import numpy as np
     import torch
@@ -180,13 +188,15 @@ def main(argv=None) -> int:
         t0 = time.time()
         run = GPTQRun(num_samples=args.gptq, cls_weight=args.gptq_cls_weight, asymmetric=args.gptq_asymmetric,
                       asym_damp=args.gptq_asym_damp, pair_tolerance=args.gptq_pair_tolerance,
-                      layer=GPTQConfig(damp=args.gptq_damp, pair_limit=args.gptq_pair_limit))
+                      layer=GPTQConfig(damp=args.gptq_damp, pair_limit=args.gptq_pair_limit,
+                                       scales=args.gptq_scales))
         rep = run_gptq(qm, task, tok, run, batches, progress=True)
         secs = time.time() - t0
         console.print(f"GPTQ: proxy loss sum {rep['proxy_nearest_sum']:.4g} (nearest) -> {rep['proxy_gptq_sum']:.4g}, "
                       f"{rep['layers_improved']}/{rep['layers']} layers lower, {secs:.0f} s")
         name = f"GPTQ{' asymmetric' if args.gptq_asymmetric else ''} ({args.gptq} seq)"
-        layers = {n: {k: i[k] for k in ("proxy_nearest", "proxy_gptq", "proxy_unlimited", "pair_limited", "kept")
+        layers = {n: {k: i[k] for k in ("proxy_nearest", "proxy_gptq", "proxy_unlimited", "pair_limited", "kept",
+                                                   "scale_multiplier_mean", "rows_rescaled", "rows_nearest")
                       if k in i} for n, i in rep["per_layer"].items()}
         score(f"{name}, simulated", *predict(qm, loader, progress=False), gptq_s=secs,
               gptq_proxy_sum=rep["proxy_gptq_sum"], gptq_pair_limited=rep["layers_pair_limited"], gptq_layers=layers)

@@ -119,11 +119,15 @@ def test_ptq_gptq_cli(minilm_path, tmp_path):
     r = json.loads((out / "results.json").read_text())
     assert r["config_name"] == "w8a8+gptq" and r["gptq"]["num_sequences"] == 16
     assert r["gptq"]["layers"] == r["gptq"]["layers_improved"] == r["gptq"]["layers_pair_limited"] == 6
-    assert r["gptq"]["settings"]["layer"]["pair_limit"] == 128
+    assert r["gptq"]["settings"]["layer"]["pair_limit"] == 128 and r["gptq"]["settings"]["layer"]["scales"] is None
+    assert all(i["scale_multiplier_mean"] >= 1 for i in r["gptq"]["per_layer"].values())
     bad = [a for a in args if a not in ("--gptq-pair-limit", "128")] + ["--gptq-pair-tolerance", "0.1", "--overwrite"]
     res = CliRunner().invoke(app, bad, catch_exceptions=False)
     assert res.exit_code == 2 and "needs a pair_limit" in res.output
     assert not (out / ".gptq-state").exists()
+    for scales, msg in (("1,x", "comma-separated numbers"), ("1,0", "positive finite")):
+        res = CliRunner().invoke(app, args + ["--gptq-scales", scales, "--overwrite"], catch_exceptions=False)
+        assert res.exit_code == 2 and msg in res.output, res.output
     res = CliRunner().invoke(app, args + ["--adaround", "--overwrite"], catch_exceptions=False)
     assert res.exit_code == 2 and "pick one" in res.output
 
@@ -234,3 +238,56 @@ def test_pair_tolerance_keeps_the_limit_only_where_it_is_cheap(minilm_path, rt):
     assert any(over.values())
     info, over = run(1e9)  # any cost accepted: every layer limited, no pair over 128
     assert info["layers_pair_limited"] == 6 and not any(over.values())
+
+
+def test_pair_limited_gptq_searches_row_scales_and_resumes(minilm_path, rt, tmp_path, monkeypatch):
+    """With a pair limit, GPTQ also picks each weight row's scale (``pegq.quant.gptq.gptq_search``): on the real
+    MiniLM with ``sq-token-probs-gemm`` (per-output-channel, smoothed weights; layer 0 only), rows move to coarser
+    grids where the limit binds less, no pair is over 128, the proxy loss is far below that of the limited rounding
+    on the calibrated grids, and an interrupted run resumes with the grids it chose."""
+    import copy
+
+    import pegq.gptq_model as gm
+    from pegq.api import calibrate, quantize
+    from pegq.models import load_model
+    from pegq.pipeline import calibration_batches
+    from pegq.quant.gptq import PAIR_SCALES, pair_overflows
+
+    torch.manual_seed(0)
+    model, tok = load_model(minilm_path, num_labels=2)
+    qm0 = quantize(model, "sq-token-probs-gemm", overrides=["encoder.layer.[1-5].*.weight=off", "pooler.weight=off",
+                                                            "classifier.*weight=off,optional"])
+    calibrate(qm0, calibration_batches(rt, tok, qm0.config)[:2], progress=False)
+    seqs = calibration_sequences(rt, tok, 16, batch_size=16)
+    run = GPTQRun(num_samples=16, layer=GPTQConfig(pair_limit=128))
+    qm, state = copy.deepcopy(qm0), tmp_path / "state"
+    info = gptq_model(qm, seqs, run, state_dir=state, progress=False)
+    one = gptq_model(copy.deepcopy(qm0), seqs, GPTQRun(num_samples=16, layer=GPTQConfig(pair_limit=128, scales=(1.0,))),
+                     progress=False)
+    assert info["layers"] == info["layers_pair_limited"] == 6
+    assert info["proxy_gptq_sum"] < 0.5 * one["proxy_gptq_sum"], (info["proxy_gptq_sum"], one["proxy_gptq_sum"])
+    layers = linear_weight_quantizers(qm)
+    grid = torch.tensor(PAIR_SCALES)
+    for n in info["per_layer"]:
+        q, q0 = qm.quantizers[n], qm0.quantizers[n]
+        assert q.smooth is not None or n.endswith("attn.output.weight") or "ffn.output" in n
+        ratio = (q.qparams()[0] / q0.qparams()[0]).flatten()
+        assert ((ratio[:, None] - grid[None, :]).abs().min(1).values < 1e-5).all()  # each row on one of the grids
+        assert (ratio > 1.01).float().mean() == pytest.approx(info["per_layer"][n]["rows_rescaled"], abs=1e-6)
+        assert info["per_layer"][n]["rows_rescaled"] > 0.2
+        w = layers[n].parametrizations.weight.original.detach()
+        m = q.smooth if q.smooth is not None else 1.0
+        s = q.granularity.broadcast(q.qparams()[0].detach(), w, q.group_index)
+        codes = torch.round(q(w) * m / s)
+        assert codes.abs().max() <= 128 and pair_overflows(codes) == 0
+
+    def boom(*a, **k):
+        raise AssertionError("re-rounded a finished layer")
+
+    monkeypatch.setattr(gm, "gptq_search", boom)
+    qm2 = copy.deepcopy(qm0)
+    gptq_model(qm2, seqs, run, state_dir=state, progress=False)  # every group done: grids and offsets re-applied
+    for n in info["per_layer"]:
+        assert torch.equal(qm2.quantizers[n].qparams()[0], qm.quantizers[n].qparams()[0])
+        assert torch.equal(qm2.quantizers[n].round_offset, qm.quantizers[n].round_offset)
+    assert np.array_equal(_dev_logits(qm2, rt, tok, 32), _dev_logits(qm, rt, tok, 32))

@@ -78,6 +78,16 @@ def _run(fn, *args, **kwargs):
         _fail("interrupted; nothing half-written was left behind (re-run the same command to resume)", 130)
 
 
+def _numbers(text: str | None, option: str) -> tuple[float, ...] | None:
+    """``"1,1.5"`` -> ``(1.0, 1.5)``; None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers (e.g. 1,1.25,1.5), got {text!r}") from None
+
+
 def _task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels):
     kw = {}
     if train_csv or dev_csv:
@@ -206,6 +216,10 @@ def ptq(
         help="With --gptq-pair-limit: keep a layer's limited rounding only where its proxy loss is at most "
              "(1 + T) x GPTQ's without the limit; the other layers need --weight-dtype exact (uint8) to be "
              "exact on those CPUs.")] = None,
+    gptq_scales: Annotated[str | None, typer.Option(
+        help="GPTQ: comma-separated multipliers of each weight row's scale to round on; every row keeps the one of "
+             "least proxy loss. Default: 1.0-2.0 with --gptq-pair-limit (a coarser grid where the limit would "
+             "bind), none without; '1' turns the search off.")] = None,
     clipping: Annotated[bool, typer.Option("--clipping", help="Also split each activation quantizer's error on "
                                            "the dev split into clipping (values outside the calibrated range) "
                                            "and rounding; results.json key 'clipping'.")] = False,
@@ -233,7 +247,8 @@ def ptq(
             gq = GPTQRun(num_samples=gptq_samples, seed=cfg.calibration.seed, asymmetric=gptq_asymmetric,
                          asym_damp=gptq_asym_damp, cls_weight=gptq_cls_weight,
                          pair_tolerance=gptq_pair_tolerance,
-                         layer=GPTQConfig(damp=gptq_damp, pair_limit=gptq_pair_limit))
+                         layer=GPTQConfig(damp=gptq_damp, pair_limit=gptq_pair_limit,
+                                          scales=_numbers(gptq_scales, "--gptq-scales")))
         r = run_ptq(model, task, cfg, output, overrides=override, data_dir=data_dir,
                     max_eval_examples=max_eval_examples, overwrite=overwrite, progress=not quiet,
                     task_kwargs=_task_kwargs(train_csv, dev_csv, text_columns, label_column, num_labels),

@@ -10,7 +10,9 @@ read the same input tensor (a layer's query, key and value Linears); for each gr
 2. each member's weight is rounded by :func:`pegq.quant.gptq.gptq_offset` on its calibrated grid, and the
    result is frozen into the weight quantizer (``Quantizer.round_offset``, as AdaRound does). Where GPTQ's
    proxy loss on the calibration rows is above round-to-nearest's (it is greedy; rare), nearest is kept
-   (reported as ``kept``).
+   (reported as ``kept``). With a scale search (default with ``GPTQConfig.pair_limit``), each row is rounded by
+   :func:`pegq.quant.gptq.gptq_search` on the best of several multiples of its calibrated scale, and the weight
+   quantizer's range is multiplied accordingly (kept in the resume state).
 
 A smoothed weight (:mod:`pegq.smooth`) is rounded on its own grid, that of ``W diag(s)``, for the Hessian of
 the smoothed input ``diag(1/s) H diag(1/s)``.
@@ -55,7 +57,7 @@ from .adaround_model import (
 )
 from .models.base import QuantizedModel
 from .quant.adaround import _inv, nearest_offset
-from .quant.gptq import GPTQConfig, Hessian, gptq_offset, pair_limited_nearest
+from .quant.gptq import GPTQConfig, Hessian, gptq_offset, gptq_search, pair_limited_nearest
 
 STATE_FILE = "gptq_state.pt"
 
@@ -233,7 +235,13 @@ def asymmetric_target(w: torch.Tensor, h: torch.Tensor, g: torch.Tensor, damp: f
 def _guarded_gptq(target, w, s, z, q, h, cfg: GPTQConfig):
     """GPTQ of ``target`` on ``q``'s grid (``s``, ``z``; pair-limited when ``cfg.pair_limit`` is set) with a
     safeguard (as for AdaRound): never worse than (pair-limited) nearest of ``w`` on the calibration rows.
-    ``(offset, info)``, ``info["kept"]`` saying which."""
+    ``(offset, info, None)``, ``info["kept"]`` saying which. With a scale search (``cfg.scale_grid()`` other
+    than ``(1.0,)``, symmetric grids only): :func:`~pegq.quant.gptq.gptq_search` per row, ``(codes, info,
+    multiplier)``; the caller rescales the quantizer (:func:`_rescale`) and takes the offset from its new grid."""
+    if z is None and cfg.scale_grid() != (1.0,):
+        code, mult, info = gptq_search(target, s, q.qmin, q.qmax, h, cfg, base=w, per_row=s.numel() > 1)
+        info["kept"] = "nearest" if info["rows_nearest"] == 1 else "gptq"
+        return code, info, mult
     offset, info = gptq_offset(target, s, z, q.qmin, q.qmax, h, cfg, base=w)
     info["kept"] = "gptq"
     if info["proxy_gptq"] > info["proxy_nearest"]:
@@ -241,7 +249,28 @@ def _guarded_gptq(target, w, s, z, q, h, cfg: GPTQConfig):
         if cfg.pair_limit is not None:
             v = w.float() * _inv(s)
             offset = (pair_limited_nearest(v, q.qmin, q.qmax, cfg.pair_limit) - torch.floor(v)).to(torch.int16)
-    return offset, info
+    return offset, info, None
+
+
+def _rescale(q, mult: torch.Tensor) -> dict:
+    """Multiply a weight quantizer's scale by ``mult`` (``[out, 1]`` per output row; all equal for a per-tensor
+    scale) and return its new range (for the resume state)."""
+    scale = q.qparams()[0]
+    m = (mult if scale.numel() > 1 else mult[:1]).reshape(scale.shape).to(scale.device, scale.dtype)
+    if q.scale_param is not None:
+        with torch.no_grad():
+            q.scale_param.mul_(m)
+        return {"scale_param": q.scale_param.detach().clone()}
+    q.x_min, q.x_max = q.x_min * m, q.x_max * m
+    return {"x_min": q.x_min.clone(), "x_max": q.x_max.clone()}
+
+
+def _set_range(q, saved: dict) -> None:
+    if "scale_param" in saved:
+        with torch.no_grad():
+            q.scale_param.copy_(saved["scale_param"])
+    else:
+        q.x_min, q.x_max = saved["x_min"].clone(), saved["x_max"].clone()
 
 
 def gptq_model(
@@ -258,6 +287,9 @@ def gptq_model(
     run = run or GPTQRun()
     layers, st, state_dir = start_rounding(qm, run, state_dir, "GPTQ", STATE_FILE, smoothed_ok=True)
     quantizers, names = qm.quantizers, list(layers)
+    ranges = st.setdefault("ranges", {})  # weight grids the scale search changed
+    for n, saved in ranges.items():  # resumed: re-apply them
+        _set_range(quantizers[n], saved)
     t0 = time.perf_counter()
     groups = shared_input_groups(qm, layers, batches[0], device)
     blocks = _block_of(qm.model, layers)
@@ -282,19 +314,23 @@ def gptq_model(
             s = gran.broadcast(scale.detach(), w, q.group_index)
             z = None if q.symmetric else gran.broadcast(zero.detach(), w, q.group_index)
             limit = run.layer.pair_limit if z is None else None  # only a symmetric grid has int8 pair sums
-            offset, info = _guarded_gptq(target, w, s, z, q, h, replace(run.layer, pair_limit=limit))
+            offset, info, mult = _guarded_gptq(target, w, s, z, q, h, replace(run.layer, pair_limit=limit))
             info["rows"] = hess.rows
             if limit is not None and run.pair_tolerance is not None:
-                free, free_info = _guarded_gptq(target, w, s, z, q, h, replace(run.layer, pair_limit=None))
+                free, free_info, free_mult = _guarded_gptq(target, w, s, z, q, h,
+                                                           replace(run.layer, pair_limit=None))
                 info["proxy_unlimited"] = min(free_info["proxy_gptq"], free_info["proxy_nearest"])
                 info["proxy_limited"] = min(info["proxy_gptq"], info["proxy_nearest"])
                 if info["proxy_limited"] > (1 + run.pair_tolerance) * info["proxy_unlimited"]:
                     # the limit costs too much here: unconstrained (uint8 for an exact export)
-                    offset = free
-                    info.update({k: free_info[k] for k in ("kept", "proxy_nearest", "proxy_gptq",
-                                                           "changed_vs_nearest", "max_steps_from_nearest")})
+                    offset, mult = free, free_mult
+                    info = {**free_info, **{k: info[k] for k in ("rows", "proxy_unlimited", "proxy_limited")}}
                     limit = None
             info["pair_limited"] = limit is not None
+            if mult is not None:  # searched: codes on the grid scale * mult
+                ranges[n] = _rescale(q, mult)
+                s = gran.broadcast(q.qparams()[0].detach(), w, q.group_index)
+                offset = (offset - torch.floor(w.float() * _inv(s))).to(torch.int16)
             q.round_offset = offset.to(w.device)
             st["done"][n] = offset.cpu()
             st["info"][n] = info

@@ -11,7 +11,17 @@ from hypothesis import strategies as st
 
 from pegq.quant import PerChannel, Quantizer, QuantState
 from pegq.quant.adaround import fake_quant_fixed_rounding
-from pegq.quant.gptq import GPTQConfig, Hessian, gptq_offset, pair_limited_nearest, pair_overflows, proxy_loss
+from pegq.quant.gptq import (
+    PAIR_SCALES,
+    GPTQConfig,
+    Hessian,
+    _pair_round,
+    gptq_offset,
+    gptq_search,
+    pair_limited_nearest,
+    pair_overflows,
+    proxy_loss,
+)
 
 
 def _layer(out_f=32, in_f=64, rows=3000, seed=0):
@@ -180,14 +190,81 @@ def test_gptq_with_pair_limit():
     assert info_free["proxy_gptq"] < info["proxy_gptq"]
     limited = pair_limited_nearest(w / s, -128, 127, 128)
     assert info["proxy_nearest"] == pytest.approx(proxy_loss(w, limited * s, h.h.double()))
-    # a limit no pair reaches changes nothing
-    same, _ = gptq_offset(w, s, None, -128, 127, h.h, GPTQConfig(pair_limit=255))
-    assert torch.equal(same, free)
+    # a limit no pair reaches changes nothing (in input order: with act-order a limit rounds each pair's two
+    # inputs one after the other, which changes the order)
+    same, _ = gptq_offset(w, s, None, -128, 127, h.h, GPTQConfig(pair_limit=255, act_order=False))
+    assert torch.equal(same, gptq_offset(w, s, None, -128, 127, h.h, GPTQConfig(act_order=False))[0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), limit=st.sampled_from([64, 128, 200]), spread=st.floats(20.0, 150.0))
+def test_pair_round_is_the_least_cost_pair_within_the_limit(seed, limit, spread):
+    # two inputs GPTQ rounds one after the other: rounding the first moves the second by -(x0 - q0) u01 / u00;
+    # the pair costs ((x0 - q0) / u00)^2 + ((x1' - q1) / u11)^2
+    g = torch.Generator().manual_seed(seed)
+    x0, x1 = (torch.randn(40, 1, generator=g) * spread for _ in range(2))
+    u00, u11 = (float(torch.rand(1, generator=g)) + 0.2 for _ in range(2))
+    u01 = float(torch.randn(1, generator=g))
+    q0, q1 = _pair_round(x0, x1, u00, u01, u11, -128, 127, limit)
+    assert ((q0 + q1).abs() <= limit).all() and q0.abs().max() <= 128 and q1.abs().max() <= 128
+
+    grid = torch.arange(-128, 128, dtype=torch.float32)
+    b0, b1 = grid[None, :, None], grid[None, None, :]  # brute force over every pair of codes
+    x1p = x1[:, :, None] - (x0[:, :, None] - b0) * (u01 / u00)
+    cost = ((x0[:, :, None] - b0) / u00) ** 2 + ((x1p - b1) / u11) ** 2
+    cost = torch.where((b0 + b1).abs() <= limit, cost, torch.inf).reshape(len(x0), -1)
+    got = ((x0 - q0) / u00) ** 2 + ((x1 - (x0 - q0) * (u01 / u00) - q1) / u11) ** 2
+    # plain GPTQ (nearest, then nearest of the moved second input) where it keeps the limit, else the best pair
+    n0 = torch.clamp(torch.round(x0), -128, 127)
+    n1 = torch.clamp(torch.round(x1 - (x0 - n0) * (u01 / u00)), -128, 127)
+    plain = (n0 + n1).abs() <= limit
+    assert torch.equal(q0[plain], n0[plain]) and torch.equal(q1[plain], n1[plain])
+    torch.testing.assert_close(got[~plain], cost.min(1, keepdim=True).values[~plain], rtol=1e-5, atol=1e-4)
+
+
+def test_scale_search_per_row_with_a_pair_limit():
+    """On a coarser grid a pair limit binds less: each row keeps the multiplier of its scale (and GPTQ's or
+    nearest's codes) of least proxy loss, never worse than on the calibrated grid."""
+    w, x = _layer(out_f=48, in_f=96)
+    w[:, 10:12] *= 6
+    w[:, 40:52] *= 3
+    h = Hessian(96)
+    h.add(x)
+    s = w.abs().amax(1, keepdim=True) / 127
+    cfg = GPTQConfig(pair_limit=128)
+    assert cfg.scale_grid() == PAIR_SCALES and GPTQConfig().scale_grid() == (1.0,)
+    one, m1, info1 = gptq_search(w, s, -128, 127, h.h, GPTQConfig(pair_limit=128, scales=(1.0,)))
+    code, m, info = gptq_search(w, s, -128, 127, h.h, cfg)
+    assert torch.equal(m1, torch.ones(48, 1)) and set(m.flatten().tolist()) <= set(torch.tensor(PAIR_SCALES).tolist())
+    assert pair_overflows(code) == 0 and code.min() >= -128 and code.max() <= 127 and torch.equal(code, code.round())
+    hd = h.h.double()
+    assert info["proxy_gptq"] == pytest.approx(proxy_loss(w, code * s * m, hd))
+
+    def rows(c, mult):
+        d = (w - c * s * mult).double()
+        return ((d @ hd) * d).sum(1)
+
+    assert (rows(code, m) <= rows(one, m1) * (1 + 1e-9)).all()  # per row never worse than at m = 1
+    assert info["proxy_gptq"] < 0.5 * info1["proxy_gptq"] and info["rows_rescaled"] > 0.5
+    assert info["scale_multiplier_mean"] == pytest.approx(float(m.mean()))
+    # m = 1 with GPTQ's codes or nearest's, whichever is better per row
+    near = pair_limited_nearest(w / s, -128, 127, 128)
+    off, _ = gptq_offset(w, s, None, -128, 127, hd, GPTQConfig(pair_limit=128))
+    gq = torch.floor(w / s) + off
+    assert (rows(one, m1) <= torch.minimum(rows(near, 1.0), rows(gq, 1.0)) * (1 + 1e-9)).all()
+    # a per-tensor scale: one multiplier for the whole weight
+    st_ = s.max()
+    _, mt, _ = gptq_search(w, st_, -128, 127, h.h, cfg, per_row=False)
+    assert mt.unique().numel() == 1
 
 
 def test_pair_limit_bad_input():
     with pytest.raises(ValueError, match="pair_limit"):
         GPTQConfig(pair_limit=0)
+    for bad in ((), (1.0, 0.0), (-1.0,), (float("inf"),)):
+        with pytest.raises(ValueError, match="GPTQ scales must be positive finite"):
+            GPTQConfig(scales=bad)
+    assert GPTQConfig(scales=[1, 1.5]).scales == (1.0, 1.5)
     with pytest.raises(ValueError, match="pair_limit"):
         GPTQConfig(pair_limit=True)
     w, x = _layer(out_f=4, in_f=8)
