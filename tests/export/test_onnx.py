@@ -416,10 +416,9 @@ def test_smoothing_inside_a_peg_split_ffn_block_says_why(tmp_path, one_thread):
 
 def test_minilm_sq_token_gemm_runs_per_token_codes_on_int8_kernels(minilm, tmp_path):
     """The real MiniLM with ``sq-token-gemm``: every encoder Linear reads uint8 codes quantized per token at run
-    time (ReduceMin/ReduceMax per row), through an integer matmul ORT fuses into ``MatMulIntegerToFloat`` with the
-    batch's largest row scale as its scalar A scale (ORT applies a scalar one inside its GEMM), then the rank-1
-    zero-point term and each row's scale ratio; per-tensor parity (teacher-forced: ORT's per-row codes against what
-    each quantizer makes of its own input) and the free-running logits match the simulation."""
+    time (ReduceMin/ReduceMax per row), through an integer matmul ORT fuses into ``MatMulIntegerToFloat`` with a
+    per-row scale, plus the rank-1 zero-point term; per-tensor parity (teacher-forced: ORT's per-row codes against
+    what each quantizer makes of its own input) and the free-running logits match the simulation."""
     import onnx
 
     qm, tok = _minilm_calibrated(minilm, "sq-token-gemm")
@@ -430,14 +429,6 @@ def test_minilm_sq_token_gemm_runs_per_token_codes_on_int8_kernels(minilm, tmp_p
     assert not [n for n in graph.node if n.op_type == "MatMul" and "ffn" in n.name and "attention" not in n.name]
     assert len([n for n in graph.node if n.op_type == "ReduceMin"]) == 6 * 4 + 1  # LN outputs x2, context, hidden
     assert kernel_report(info["path"])["int8_kernels"] == 6 * 8
-    session(info["path"], threads=1, optimized_path=str(tmp_path / "optimized.onnx"))
-    run = onnx.load(str(tmp_path / "optimized.onnx")).graph
-    made_by = {o: n for n in run.node for o in n.output}
-    linears = [n for n in run.node if n.op_type == "MatMulIntegerToFloat" and n.input[1].endswith(".weight.int")]
-    assert len(linears) == 6 * 6 and all(made_by[n.input[2]].op_type == "ReduceMax" for n in linears)
-    for n in linears:  # over every axis: one scale per batch
-        red = made_by[n.input[2]]
-        assert len(red.input) == 1 and {a.name: a.i for a in red.attribute}.get("keepdims") == 0
     meta = metadata(info["path"])["pegq.quantizers"]
     assert meta["encoder.layer.1.ffn.intermediate"]["granularity"] == "token"
     assert meta["encoder.layer.1.ffn.intermediate"]["scale"] is None
