@@ -618,13 +618,10 @@ def _static_codes_through_layout(g: _Graph, name: str):
 
 
 def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
-    """``MatMul(dequantized per-token codes, B)`` -> ``(MatMulInteger(codes, int B, c0) -> Cast -> Mul(s* x B scale)
-    - (s* x (row zero-point - c0)) x c) x (row scale / s*)`` with ``s*`` the largest row scale of the batch (a
-    scalar: ONNX Runtime's fused ``MatMulIntegerToFloat`` scales inside its GEMM only for a scalar A scale), ``c0``
-    the quantizer's calibrated per-tensor zero-point (MatMulInteger's A zero-point is one per tensor, so the integer
-    matmul subtracts ``c0`` and the rank-1 term the rest of each row's) and ``c_n = B_scale_n * sum_k (B_kn -
-    B_zero_n)``. Nonnegative codes (zero-point 0 in every row) need no rank-1 term and keep the per-row scale in the
-    matmul. ``B`` is either
+    """``MatMul(dequantized per-token codes, B)`` -> ``MatMulInteger(codes, int B, c0) -> Cast -> Mul(row scale x B
+    scale) - (row scale x (row zero-point - c0)) x c`` with ``c0`` the quantizer's calibrated per-tensor zero-point
+    (MatMulInteger's A zero-point is one per tensor, so the integer matmul subtracts ``c0`` and the rank-1 term the
+    rest of each row's) and ``c_n = B_scale_n * sum_k (B_kn - B_zero_n)``. ``B`` is either
 
     * a constant weight ``DequantizeLinear`` (2-D, per-tensor or per output column): ``c`` is an initializer, and
       ONNX Runtime fuses the first part into ``MatMulIntegerToFloat`` with a per-row scale; the bias ``Add`` that
@@ -640,7 +637,7 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
 
     tokens = {v["dequantized"]: v for v in info.values() if v.get("granularity") == "token"}
     done, left = 0, 0
-    row_zs: dict[str, dict[str, str]] = {}
+    row_zs: dict[str, str] = {}
     replace: dict[int, list] = {}
     for mm in [n for n in g.g.node if n.op_type == "MatMul" and n.input[0] in tokens]:
         v = tokens[mm.input[0]]
@@ -653,41 +650,27 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
         b_int, b_scale, b_zero, sums, new, inits = b
         g.g.initializer.extend(inits)
         if not nonneg and v["dequantized"] not in row_zs:
-            # the largest row scale s* (a scalar) goes into the integer matmul, each row's s / s* after it: ORT's
-            # MatMulIntegerToFloat with a scalar A scale scales inside its GEMM, with a per-row one in a second
-            # pass (measured 1024x768x3072 on 2 AVX2 cores: 39.9 vs 46.6 ms; with the zero-point term, 50.2 vs
-            # 55.1 ms)
-            t = v["tensor"]
-            rz = row_zs[v["dequantized"]] = {k: f"{t}.{k}" for k in ("max_row_scale", "row_scale_rel", "off_centre",
-                                                                      "scaled_off_centre")}
+            rz = row_zs[v["dequantized"]] = f"{v['tensor']}.row_scaled_zero_point"
             new += [
-                helper.make_node("ReduceMax", [v["scale_tensor"]], [rz["max_row_scale"]], keepdims=0,
-                                 name=f"{t}/MaxRowScale"),
-                helper.make_node("Div", [v["scale_tensor"], rz["max_row_scale"]], [rz["row_scale_rel"]],
-                                 name=f"{t}/RowScaleRel"),
-                helper.make_node("Sub", [v["zero_point_tensor"], v["centre"]], [rz["off_centre"]],
-                                 name=f"{t}/OffCentre"),
-                helper.make_node("Mul", [rz["max_row_scale"], rz["off_centre"]], [rz["scaled_off_centre"]],
-                                 name=f"{t}/ScaledZeroPoint"),
+                helper.make_node("Sub", [v["zero_point_tensor"], v["centre"]], [f"{rz}.off_centre"],
+                                 name=f"{v['tensor']}/OffCentre"),
+                helper.make_node("Mul", [v["scale_tensor"], f"{rz}.off_centre"], [rz],
+                                 name=f"{v['tensor']}/ScaledZeroPoint"),
             ]
-        a_scale = v["scale_tensor"] if nonneg else row_zs[v["dequantized"]]["max_row_scale"]
         scaled = mm.output[0] if nonneg else f"{tag}.scaled"
         new += [
             helper.make_node("MatMulInteger", [v["tensor"], b_int, v["centre_u8"], b_zero], [f"{tag}.int32"],
                              name=f"{tag}/MatMulInteger"),
             helper.make_node("Cast", [f"{tag}.int32"], [f"{tag}.acc"], to=T.FLOAT, name=f"{tag}/CastAcc"),
-            helper.make_node("Mul", [a_scale, b_scale], [f"{tag}.scales"], name=f"{tag}/Scales"),
+            helper.make_node("Mul", [v["scale_tensor"], b_scale], [f"{tag}.scales"], name=f"{tag}/Scales"),
             helper.make_node("Mul", [f"{tag}.acc", f"{tag}.scales"], [scaled], name=f"{tag}/ScaleAcc"),
         ]
         if not nonneg:
-            rz = row_zs[v["dequantized"]]
             new += [
-                helper.make_node("Mul", [rz["scaled_off_centre"], sums], [f"{tag}.zero_point_term"],
+                helper.make_node("Mul", [row_zs[v["dequantized"]], sums], [f"{tag}.zero_point_term"],
                                  name=f"{tag}/ZeroPointTerm"),
-                helper.make_node("Sub", [scaled, f"{tag}.zero_point_term"], [f"{tag}.centred"],
+                helper.make_node("Sub", [scaled, f"{tag}.zero_point_term"], [mm.output[0]],
                                  name=f"{tag}/SubZeroPointTerm"),
-                helper.make_node("Mul", [f"{tag}.centred", rz["row_scale_rel"]], [mm.output[0]],
-                                 name=f"{tag}/RowScale"),
             ]
         replace[id(mm)] = new
         done += 1
