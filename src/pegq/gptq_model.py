@@ -57,7 +57,7 @@ from .adaround_model import (
 )
 from .models.base import QuantizedModel
 from .quant.adaround import _inv, nearest_offset
-from .quant.gptq import GPTQConfig, Hessian, gptq_offset, gptq_search, pair_limited_nearest
+from .quant.gptq import GPTQConfig, Hessian, gptq_offset, gptq_search, nearest_codes
 
 STATE_FILE = "gptq_state.pt"
 
@@ -248,7 +248,7 @@ def _guarded_gptq(target, w, s, z, q, h, cfg: GPTQConfig):
         offset, info["kept"] = nearest_offset(w.float(), s).to(torch.int16), "nearest"
         if cfg.pair_limit is not None:
             v = w.float() * _inv(s)
-            offset = (pair_limited_nearest(v, q.qmin, q.qmax, cfg.pair_limit) - torch.floor(v)).to(torch.int16)
+            offset = (nearest_codes(v, q.qmin, q.qmax, cfg.pair_limit) - torch.floor(v)).to(torch.int16)
     return offset, info, None
 
 

@@ -157,6 +157,12 @@ PAIR_LIMIT = 128
 PAIR_SCALES = (1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.35, 1.4, 1.45, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0)
 
 
+def nearest_codes(v: torch.Tensor, lo, hi, limit: int | None = None) -> torch.Tensor:
+    """Round-to-nearest codes of ``v`` (weights over their scale) on ``[lo, hi]``; with ``limit``, pair-limited
+    (:func:`pair_limited_nearest`, a symmetric grid: ``lo``, ``hi`` plain integers)."""
+    return _clamp(torch.round(v), lo, hi) if limit is None else pair_limited_nearest(v, lo, hi, limit)
+
+
 def pair_overflows(codes: torch.Tensor, limit: int = PAIR_LIMIT) -> int:
     """How many pairs of adjacent inputs ``(2j, 2j+1)`` along the last axis of integer weight ``codes``
     (a Linear's ``[out, in]``) have ``|q0 + q1| > limit``: with ``limit = 128``, the pairs whose int16 sum
@@ -166,10 +172,15 @@ def pair_overflows(codes: torch.Tensor, limit: int = PAIR_LIMIT) -> int:
     return int(((c[..., 0:n:2] + c[..., 1:n:2]).abs() > limit).sum())
 
 
+def _row_losses(weight: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Each output row's ``(w - q) H (w - q)^T``, float64."""
+    d = (weight.double() - wq.double()).to(hessian.device)
+    return ((d @ hessian) * d).sum(1)
+
+
 def proxy_loss(weight: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor) -> float:
     """``tr((W - Q) H (W - Q)^T) / out``: the layer's mean squared output error per row of ``X``."""
-    d = (weight.double() - wq.double()).to(hessian.device)
-    return float(((d @ hessian) * d).sum() / weight.shape[0])
+    return float(_row_losses(weight, wq, hessian).sum() / weight.shape[0])
 
 
 def _order(diag: torch.Tensor, act_order: bool, pairs: bool) -> torch.Tensor:
@@ -202,14 +213,14 @@ def _pair_round(x0: torch.Tensor, x1: torch.Tensor, u00, u01, u11, lo: int, hi: 
         x1p = x1 - (x0 - q0) * c
         q1 = torch.minimum(torch.maximum(torch.round(x1p), torch.clamp(-limit - q0, min=lo)),
                            torch.clamp(limit - q0, max=hi))
-        return q1, a * (x0 - q0) ** 2 + b * (x1p - q1) ** 2
+        return q1, a * (x0 - q0) ** 2 + b * (x1p - q1) ** 2, x1p
 
     q0 = torch.clamp(torch.round(x0), lo, hi)
-    q1, _ = best_q1(q0, x0, x1)
-    bad = (q1 != torch.clamp(torch.round(x1 - (x0 - q0) * c), lo, hi)).nonzero()[:, 0]
+    q1, _, x1p = best_q1(q0, x0, x1)
+    bad = (q1 != torch.clamp(torch.round(x1p), lo, hi)).nonzero()[:, 0]
     if bad.numel():  # plain GPTQ would cross the limit: search every q0
         grid = torch.arange(lo, hi + 1, dtype=x0.dtype, device=x0.device)[None, :]
-        q1s, costs = best_q1(grid, x0[bad], x1[bad])
+        q1s, costs, _ = best_q1(grid, x0[bad], x1[bad])
         pick = costs.argmin(1, keepdim=True)
         q0, q1 = q0.clone(), q1.clone()
         q0[bad] = grid.expand_as(q1s).gather(1, pick)
@@ -323,8 +334,7 @@ def gptq_offset(
     code = _gptq_codes(w0, s, lo, hi, hessian, cfg)
     b0 = w0 if base is None else base.detach().float()
     offset = _offset(code, b0, inv_s)
-    nearest = (_clamp(torch.round(b0 * inv_s), lo, hi) if limit is None
-               else pair_limited_nearest(b0 * inv_s, qmin, qmax, limit))
+    nearest = nearest_codes(b0 * inv_s, lo, hi, limit)
     hd = hessian.detach().double()
     info = {
         "proxy_nearest": proxy_loss(w0, nearest * s, hd),
@@ -334,12 +344,6 @@ def gptq_offset(
         "seconds": time.perf_counter() - t0,
     }
     return offset, info
-
-
-def _row_losses(weight: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Each row's share of :func:`proxy_loss` (times ``out``), float64."""
-    d = (weight.double() - wq.double()).to(hessian.device)
-    return ((d @ hessian) * d).sum(1)
 
 
 def gptq_search(
@@ -379,8 +383,7 @@ def gptq_search(
     wk, bk = w0.repeat(k, 1), b0.repeat(k, 1)
     inv = _inv(sk)
     code = _gptq_codes(wk, sk, qmin, qmax, hessian, cfg)
-    near = (torch.clamp(torch.round(bk * inv), qmin, qmax) if cfg.pair_limit is None
-            else pair_limited_nearest(bk * inv, qmin, qmax, cfg.pair_limit))
+    near = nearest_codes(bk * inv, qmin, qmax, cfg.pair_limit)
     hd = hessian.detach().double()
     lg, ln = _row_losses(wk, code * sk, hd).view(k, rows), _row_losses(wk, near * sk, hd).view(k, rows)
     use_near = ln < lg
@@ -391,9 +394,7 @@ def gptq_search(
     best = torch.where(chosen_near[:, None], near[idx], code[idx])
     m = mult[idx]
     # on the calibrated grid (m = 1): what gptq_offset reports
-    inv1 = _inv(s)
-    near1 = (torch.clamp(torch.round(b0 * inv1), qmin, qmax) if cfg.pair_limit is None
-             else pair_limited_nearest(b0 * inv1, qmin, qmax, cfg.pair_limit))
+    near1 = nearest_codes(b0 * _inv(s), qmin, qmax, cfg.pair_limit)
     info = {
         "proxy_nearest": proxy_loss(w0, near1 * s, hd),
         "proxy_gptq": float(loss[pick, torch.arange(rows)].sum() / rows),
