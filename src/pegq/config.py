@@ -75,7 +75,8 @@ Presets (``pegq presets``; a preset name goes wherever a config path does):
   outlier group, ``peg2po16``, on the FFN input and the FFN hidden activation), ``sq-gemm`` (as
   ``peg-outlier-gemm``, but every LayerNorm output a matmul reads -- Q/K/V input and FFN input -- per-tensor
   with smoothing, ``sq0.8``, instead of PEG), ``sq-token-gemm`` (as ``sq-gemm`` with dynamic per-token
-  ranges on every encoder Linear's input), ``sq-token-probs-gemm`` (+ per-token attention probabilities).
+  ranges on every encoder Linear's input), ``sq-token-probs-gemm`` (+ per-token attention probabilities),
+  ``sq-token-sym-gemm`` (+ symmetric per-token LayerNorm outputs: no per-row zero-point correction).
 """
 
 from __future__ import annotations
@@ -671,6 +672,13 @@ _DEPLOY["sq-token-probs-gemm"] = (
     "starts at 0, so its zero-point is 0; exported as an integer matmul with V's static uint8 codes in heads and "
     "a per-row scale",
     [*_DEPLOY["sq-token-gemm"][1], "*.attn.probs=token"])
+_DEPLOY["sq-token-sym-gemm"] = (
+    "int8 deployment (not in the paper): as sq-token-probs-gemm, but the LayerNorm outputs that matmuls read (the "
+    "Q/K/V input and the FFN input) are quantized per token *symmetrically* (each token's range is +-max|x|): every "
+    "row's codes share one zero-point, so their integer matmuls need no per-row zero-point correction (the largest "
+    "one is the FFN's first Linear, 3072 outputs per token); exported as uint8 codes + 128",
+    [*_DEPLOY["sq-token-probs-gemm"][1], f"{FFN_INPUT}=sym", f"{QKV_INPUT}=sym,optional",
+     "embeddings.layernorm=sym,optional"])
 
 
 def _deploy_factory(name: str):

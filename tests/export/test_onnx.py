@@ -444,6 +444,40 @@ def test_minilm_sq_token_gemm_runs_per_token_codes_on_int8_kernels(minilm, tmp_p
     assert par["output_max_abs_diff"] <= 0.05
 
 
+def test_minilm_symmetric_per_token_layernorm_outputs_need_no_zero_point_term(minilm, tmp_path):
+    """The real MiniLM with ``sq-token-sym-gemm``: the LayerNorm outputs (Q/K/V and FFN inputs) are symmetric per
+    token, stored as uint8 + 128, so the integer matmuls reading them subtract that one zero-point and need no
+    rank-1 term (only the context and FFN hidden readers keep one). Their bias ``Add`` stays out of ORT's
+    ``MatMulIntegerToFloat`` (which would scale it by the row scale): the row scale is a ``Mul`` after the fused
+    matmul and the FFN's bias fuses with its Gelu instead. Per-tensor parity and the logits match the simulation."""
+    import onnx
+
+    qm, tok = _minilm_calibrated(minilm, "sq-token-sym-gemm")
+    info = export_onnx(qm, tmp_path / "sym.onnx", weight_dtype="uint8")
+    assert info["folds"]["token_matmul"] == 6 * 7 and info["folds"]["token_matmul_left"] == 0
+    graph = onnx.load(info["path"]).graph
+    zp_terms = [n.name for n in graph.node if n.name.endswith("/ZeroPointTerm")]
+    assert len(zp_terms) == 6 * 2 and all("/attention/output/" in n or "/output/dense/" in n for n in zp_terms)
+    meta = metadata(info["path"])["pegq.quantizers"]
+    assert meta["encoder.layer.0.attn.layernorm"]["symmetric"] and meta["encoder.layer.0.attn.layernorm"]["code_shift"]
+    assert not meta["encoder.layer.0.ffn.intermediate"]["constant_zero_point"]
+    opt = tmp_path / "sym_opt.onnx"
+    session(info["path"], optimized_path=opt)
+    fused = onnx.load(str(opt)).graph.node
+    assert len([n for n in fused if n.op_type == "BiasGelu"]) == 6
+    reads_sym = [n for n in fused if n.op_type == "MatMulIntegerToFloat" and n.input[0].endswith("layernorm.q")]
+    assert len(reads_sym) == 6 * 4 and all(len(n.input) == 6 for n in reads_sym)  # no fused bias input
+    assert kernel_report(info["path"])["int8_kernels"] == 6 * 8
+    batch = dict(tok(["dull", "an utterly charming and hilarious film that reaches for the stars"], padding=True,
+                     return_tensors="pt"))
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert par["max_steps"] <= 1, par["tensors"]
+    assert all(r["frac_diff"] <= 0.01 for r in par["tensors"].values()), par["tensors"]
+    assert par["forced_output_max_abs_diff"] <= 1e-4
+    assert par["output_max_abs_diff"] <= 0.05
+
+
 def test_minilm_per_token_attention_probs_run_on_int8_kernels(minilm, tmp_path):
     """The real MiniLM with ``sq-token-gemm`` and per-token attention probabilities: each row of the softmax gets its
     own step at run time; the matmul with V (split into heads from its static uint8 codes) becomes an integer matmul
@@ -497,12 +531,56 @@ def test_per_token_activations_export_on_every_family(family, probs, tmp_path, o
     assert par["forced_output_max_abs_diff"] <= 1e-5
 
 
-def test_symmetric_per_token_activations_say_why_not_exportable(tmp_path, one_thread):
-    qm, _ = _tiny("w8a8", ["encoder.layer.0.ffn.intermediate=token,sym"])
+def test_per_token_activations_above_8_bits_say_why_not_exportable(tmp_path, one_thread):
+    qm, _ = _tiny("w8a8", ["encoder.layer.0.ffn.intermediate=token,sym,16"])
     with pytest.raises(ExportError, match=r"encoder\.layer\.0\.ffn\.intermediate: per-token \(dynamic\) activations "
-                                          r"export as asymmetric uint8"):
+                                          r"export as uint8 codes only .*use 2-8 bits"):
         export_onnx(qm, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
+def test_symmetric_per_token_activations_export_on_every_family(family, tmp_path, one_thread):
+    """``sq-token-sym-gemm`` (symmetric per-token LayerNorm outputs) on a random-init model of each family: the
+    symmetric quantizers' codes are uint8 + 128 with no per-row zero-point, their readers are integer matmuls with
+    no zero-point term, and ORT matches the simulation per tensor."""
+    import onnx
+    from models_helpers import pad_id_of, padded_batch, tiny_model
+
+    m = tiny_model(family, True)
+    qm = pegq.quantize(m, "sq-token-sym-gemm")
+    pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
+    sym = [n for n, q in qm.quantizers.items() if q.enabled and q.granularity.kind == "token" and q.symmetric]
+    assert sym
+    info = export_onnx(qm, tmp_path / f"{family}.onnx", weight_dtype="uint8")
+    assert info["folds"]["token_matmul"] > 0 and info["folds"]["token_matmul_left"] == 0, info["folds"]
+    meta = metadata(info["path"])["pegq.quantizers"]
+    assert all(meta[n]["constant_zero_point"] and meta[n]["code_shift"] == 128 and meta[n]["dtype"] == "uint8"
+               for n in sym)
+    graph = onnx.load(info["path"]).graph
+    sym_codes = {meta[n]["tensor"] for n in sym}
+    readers = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[0] in sym_codes]
+    assert readers and not [n for n in graph.node if n.name.endswith("/ZeroPointTerm")
+                            and n.name.rsplit("/", 1)[0] in {r.name.rsplit("/", 1)[0] for r in readers}]
+    par = per_tensor_parity(prepare(qm), info["path"], padded_batch(pad_id_of(m), seed=2))
+    assert par["missing"] == [] and par["weight_max_steps"] == 0
+    assert par["max_steps"] <= 1, par["tensors"]
+    assert par["forced_output_max_abs_diff"] <= 1e-5
+
+
+def test_symmetric_per_token_below_8_bits_codes_stay_on_their_grid(tmp_path, one_thread):
+    """A 6-bit symmetric per-token quantizer: codes -32..31 stored as 0..63 (+32, a ``Clip`` before the uint8
+    ``QuantizeLinear``), every row's largest magnitude on the grid's end, matching the simulation per tensor."""
+    qm, batch = _tiny("sq-token-sym-gemm", ["encoder.layer.*.attn.layernorm=6"])
+    info = export_onnx(qm, tmp_path / "s6.onnx", weight_dtype="uint8")
+    assert metadata(info["path"])["pegq.quantizers"]["encoder.layer.0.attn.layernorm"]["code_shift"] == 32
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["max_steps"] <= 1 and par["forced_output_max_abs_diff"] <= 1e-5, par["tensors"]
+    sess = session(info["path"], extra_outputs=["encoder.layer.0.attn.layernorm.q"])
+    codes = sess.run(["encoder.layer.0.attn.layernorm.q"], feeds(batch, metadata(info["path"])["pegq.inputs"]))[0]
+    assert codes.min() >= 0 and codes.max() <= 63
+    # each row's largest magnitude is +-31 steps: stored as 1 (negative) or 63 (positive)
+    assert ((codes.min(-1) == 1) | (codes.max(-1) == 63)).all()
 
 
 def test_per_token_below_8_bits_clips_codes_to_its_grid(tmp_path, one_thread):

@@ -111,10 +111,10 @@ def check_exportable(qm: QuantizedModel) -> None:
                 raise ExportError(f"{n}: {g.describe()} weights have no ONNX form; use per-tensor or per-channel")
             continue
         if g.dynamic:
-            if q.bits > 8 or q.symmetric:
+            if q.bits > 8:
                 raise ExportError(
-                    f"{n}: per-token (dynamic) activations export as asymmetric uint8 codes only (ONNX Runtime's "
-                    f"MatMulInteger reads uint8 rows with a per-row scale); use 2-8 bits, asym, for this quantizer"
+                    f"{n}: per-token (dynamic) activations export as uint8 codes only (ONNX Runtime's "
+                    f"MatMulInteger reads uint8 rows with a per-row scale); use 2-8 bits for this quantizer"
                 )
             continue
         if not isinstance(g, PerTensor):
@@ -493,8 +493,11 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
                 new_nodes.append(helper.make_node("Mul", [src_in, m_name], [x_in], name=f"{tag}/SmoothIn"))
             if q.granularity.dynamic:
                 src = g.producer.get(x_in)
-                nonneg = src is not None and src.op_type in _NONNEG_OPS and int(z[0]) == 0
-                nodes, inits = _token_nodes(tag, x_in, q_out, dq_out, q, centre=int(z[0]), nonneg=nonneg)
+                nonneg = not q.symmetric and src is not None and src.op_type in _NONNEG_OPS and int(z[0]) == 0
+                # symmetric codes are stored as uint8 + 2^(bits-1): every row's zero-point is that one constant
+                shift = -q.qmin if q.symmetric else 0
+                dtype = T.UINT8 if q.symmetric else dtype
+                nodes, inits = _token_nodes(tag, x_in, q_out, dq_out, q, centre=shift or int(z[0]), nonneg=nonneg)
                 new_nodes += nodes
                 new_inits += inits
             else:
@@ -514,8 +517,11 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
             if q.granularity.dynamic:  # no constant scale: per-row tensors computed at run time
                 info[tag].update(granularity="token", scale=None, zero_point=None, scale_tensor=f"{tag}.row_scale",
                                  zero_point_tensor=f"{tag}.zero" if nonneg else f"{tag}.row_zero_point",
-                                 dequantized=dq_out,
-                                 centre=f"{tag}.centre", centre_u8=f"{tag}.centre_u8", nonneg=nonneg)
+                                 dequantized=dq_out, code_shift=shift,
+                                 centre=f"{tag}.centre", centre_u8=f"{tag}.centre_u8", nonneg=nonneg,
+                                 constant_zero_point=nonneg or q.symmetric)
+                if q.symmetric:
+                    info[tag]["zero_point_tensor"] = f"{tag}.centre"
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(new_inits)
@@ -538,7 +544,12 @@ def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, cen
     8 bits an explicit ``Clip``, at 8 bits ``QuantizeLinear``'s saturation); the dequantized ``(q - z) * s`` for
     float readers (``dq_out``). ``centre``: the calibrated per-tensor zero-point, which the integer matmuls subtract
     (:func:`_lower_token_matmuls` feeds them the codes). ``nonneg``: ``x`` is never negative (a softmax output), so
-    ``lo = 0`` and ``z = 0`` for every row, the same values with no ``ReduceMin`` and no zero-point ops."""
+    ``lo = 0`` and ``z = 0`` for every row, the same values with no ``ReduceMin`` and no zero-point ops.
+
+    A symmetric quantizer (grid ``[-2^(b-1), 2^(b-1) - 1]``): ``s = max(max(-lo, hi) / qmax, eps)``, codes
+    ``clip(round(x / s), qmin, qmax)`` stored as uint8 ``+ centre`` (``centre = 2^(b-1)``, added by
+    ``QuantizeLinear``'s zero-point, exact in integers): every row has the same zero-point, so the integer matmuls
+    need no per-row zero-point term."""
     from onnx import TensorProto as T
     from onnx import helper
 
@@ -549,7 +560,8 @@ def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, cen
     inits = [
         helper.make_tensor(c["axes"], T.INT64, [1], [-1]),
         helper.make_tensor(c["zero"], T.FLOAT, [], [0.0]),
-        helper.make_tensor(c["range"], T.FLOAT, [], [float(hi_q - lo_q)]),
+        # the steps a row's range spans: qmax - qmin (asymmetric), or qmax from 0 to max |x| (symmetric)
+        helper.make_tensor(c["range"], T.FLOAT, [], [float(hi_q if q.symmetric else hi_q - lo_q)]),
         helper.make_tensor(c["eps"], T.FLOAT, [], [float(EPS_SCALE)]),
         helper.make_tensor(c["qmin"], T.FLOAT, [], [float(lo_q)]),
         helper.make_tensor(c["qmax"], T.FLOAT, [], [float(hi_q)]),
@@ -563,10 +575,16 @@ def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, cen
     v = {k: f"{tag}.{k}" for k in ("min", "max", "lo", "hi", "width", "step", "row_scale", "lo_steps", "neg",
                                    "zr", "row_zero_point", "inv", "scaled", "shifted", "codes_f", "centred")}
     nonneg = nonneg and lo_q == 0  # lo = 0: s = max(max x / qmax, eps), z = 0, q = round(clip(x / s, 0, qmax))
+    sym = q.symmetric
     mk = helper.make_node
     nodes = [mk("ReduceMax", [x_in, c["axes"]], [v["max"]], keepdims=1, name=f"{tag}/ReduceMax"),
              mk("Max", [v["max"], c["zero"]], [v["hi"]], name=f"{tag}/Hi")]
-    if nonneg:
+    if sym:  # width = max |x| = max(-lo, hi)
+        nodes += [mk("ReduceMin", [x_in, c["axes"]], [v["min"]], keepdims=1, name=f"{tag}/ReduceMin"),
+                  mk("Min", [v["min"], c["zero"]], [v["lo"]], name=f"{tag}/Lo"),
+                  mk("Neg", [v["lo"]], [v["neg"]], name=f"{tag}/NegLo"),
+                  mk("Max", [v["hi"], v["neg"]], [v["width"]], name=f"{tag}/AbsMax")]
+    elif nonneg:
         v["width"] = v["hi"]
     else:
         nodes += [mk("ReduceMin", [x_in, c["axes"]], [v["min"]], keepdims=1, name=f"{tag}/ReduceMin"),
@@ -576,7 +594,7 @@ def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, cen
               mk("Max", [v["step"], c["eps"]], [v["row_scale"]], name=f"{tag}/RowScale"),
               mk("Reciprocal", [v["row_scale"]], [v["inv"]], name=f"{tag}/InvScale"),
               mk("Mul", [x_in, v["inv"]], [v["scaled"]], name=f"{tag}/Scale")]
-    if nonneg:
+    if nonneg or sym:
         v["shifted"] = v["scaled"]
     else:
         nodes += [mk("Div", [v["lo"], v["row_scale"]], [v["lo_steps"]], name=f"{tag}/LoSteps"),
@@ -584,15 +602,17 @@ def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, cen
                   mk("Round", [v["neg"]], [v["zr"]], name=f"{tag}/RoundZeroPoint"),
                   mk("Clip", [v["zr"], c["qmin"], c["qmax"]], [v["row_zero_point"]], name=f"{tag}/ClipZeroPoint"),
                   mk("Add", [v["scaled"], v["row_zero_point"]], [v["shifted"]], name=f"{tag}/AddZeroPoint")]
-    if hi_q < 255:  # fewer than 8 bits: the grid ends below uint8's saturation
+    if hi_q - lo_q < 255:  # fewer than 8 bits: the grid ends inside uint8's saturation
         nodes.append(mk("Clip", [v["shifted"], c["qmin"], c["qmax"]], [f"{tag}.clipped"], name=f"{tag}/ClipCodes"))
         v["shifted"] = f"{tag}.clipped"
-    nodes += [mk("QuantizeLinear", [v["shifted"], c["one"], c["zero_u8"]], [q_out], name=f"{tag}/QuantizeLinear"),
+    zero_u8 = f"{tag}.centre_u8" if sym else c["zero_u8"]
+    nodes += [mk("QuantizeLinear", [v["shifted"], c["one"], zero_u8], [q_out], name=f"{tag}/QuantizeLinear"),
               mk("Cast", [q_out], [v["codes_f"]], to=T.FLOAT, name=f"{tag}/Cast")]
     if nonneg:
         v["centred"] = v["codes_f"]
     else:
-        nodes.append(mk("Sub", [v["codes_f"], v["row_zero_point"]], [v["centred"]], name=f"{tag}/SubZeroPoint"))
+        zp = f"{tag}.centre" if sym else v["row_zero_point"]
+        nodes.append(mk("Sub", [v["codes_f"], zp], [v["centred"]], name=f"{tag}/SubZeroPoint"))
     nodes.append(mk("Mul", [v["centred"], v["row_scale"]], [dq_out], name=f"{tag}/DequantizeLinear"))
     return nodes, inits
 
@@ -630,6 +650,10 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
       read by per-token attention probabilities): the same layout ops are applied to its integer codes, and ``c``
       (per batch and head) is a ``ReduceSum`` at run time.
 
+    Where every row has the same zero-point c0 (a softmax output: 0; symmetric codes stored as uint8: 2^(bits-1))
+    there is no rank-1 term; if a constant bias ``Add`` follows, the kernel gets a run-time scalar A scale of 1 and
+    the row scale is a ``Mul`` after it (see the comment in the code).
+
     Returns ``(lowered, left)``; any other matmul reading the codes, directly or through layout ops (a per-token Q
     or K), stays a float matmul on the dequantized values (correct, slower) and counts as left."""
     from onnx import TensorProto as T
@@ -638,18 +662,21 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
     tokens = {v["dequantized"]: v for v in info.values() if v.get("granularity") == "token"}
     done, left = 0, 0
     row_zs: dict[str, str] = {}
+    ones: dict[str, str] = {}
     replace: dict[int, list] = {}
     for mm in [n for n in g.g.node if n.op_type == "MatMul" and n.input[0] in tokens]:
         v = tokens[mm.input[0]]
         tag = mm.name or mm.output[0]
-        nonneg = bool(v.get("nonneg"))  # every row's zero-point is 0 = c0: no zero-point term, no column sums
-        b = _token_matmul_b(g, mm, tag, sums_needed=not nonneg)
+        # every row's zero-point is c0 (0 for a softmax output, 2^(bits-1) for symmetric codes stored as uint8):
+        # no zero-point term, no column sums
+        const_zp = bool(v.get("constant_zero_point", v.get("nonneg")))
+        b = _token_matmul_b(g, mm, tag, sums_needed=not const_zp)
         if b is None:
             left += 1
             continue
         b_int, b_scale, b_zero, sums, new, inits = b
         g.g.initializer.extend(inits)
-        if not nonneg and v["dequantized"] not in row_zs:
+        if not const_zp and v["dequantized"] not in row_zs:
             rz = row_zs[v["dequantized"]] = f"{v['tensor']}.row_scaled_zero_point"
             new += [
                 helper.make_node("Sub", [v["zero_point_tensor"], v["centre"]], [f"{rz}.off_centre"],
@@ -657,15 +684,31 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
                 helper.make_node("Mul", [v["scale_tensor"], f"{rz}.off_centre"], [rz],
                                  name=f"{v['tensor']}/ScaledZeroPoint"),
             ]
-        scaled = mm.output[0] if nonneg else f"{tag}.scaled"
+        scaled = mm.output[0] if const_zp else f"{tag}.scaled"
+        a_scale = v["scale_tensor"]
+        if const_zp and _bias_slot(g, mm) is not None:
+            # ORT fuses a constant bias Add that directly follows into MatMulIntegerToFloat and then multiplies the
+            # bias by a per-row A scale too (ORT 1.32). So here the integer matmul takes the scalar A scale 1 -- a
+            # run-time one (max / max of the row scales), which ORT cannot fold away, so it still fuses -- and the
+            # row scale is a Mul after it: the bias Add stays apart (and before a Gelu, fuses into BiasGelu). With
+            # a zero-point term the Sub in between keeps the Add apart.
+            if a_scale not in ones:
+                ones[a_scale] = f"{v['tensor']}.one"
+                new += [helper.make_node("ReduceMax", [a_scale], [f"{v['tensor']}.max_scale"], keepdims=0,
+                                         name=f"{v['tensor']}/MaxRowScale"),
+                        helper.make_node("Div", [f"{v['tensor']}.max_scale", f"{v['tensor']}.max_scale"],
+                                         [ones[a_scale]], name=f"{v['tensor']}/One")]
+            a_scale, scaled = ones[a_scale], f"{tag}.unscaled"
         new += [
             helper.make_node("MatMulInteger", [v["tensor"], b_int, v["centre_u8"], b_zero], [f"{tag}.int32"],
                              name=f"{tag}/MatMulInteger"),
             helper.make_node("Cast", [f"{tag}.int32"], [f"{tag}.acc"], to=T.FLOAT, name=f"{tag}/CastAcc"),
-            helper.make_node("Mul", [v["scale_tensor"], b_scale], [f"{tag}.scales"], name=f"{tag}/Scales"),
+            helper.make_node("Mul", [a_scale, b_scale], [f"{tag}.scales"], name=f"{tag}/Scales"),
             helper.make_node("Mul", [f"{tag}.acc", f"{tag}.scales"], [scaled], name=f"{tag}/ScaleAcc"),
         ]
-        if not nonneg:
+        if a_scale != v["scale_tensor"]:  # the row scale after the fused matmul
+            new.append(helper.make_node("Mul", [scaled, v["scale_tensor"]], [mm.output[0]], name=f"{tag}/RowScale"))
+        if not const_zp:
             new += [
                 helper.make_node("Mul", [row_zs[v["dequantized"]], sums], [f"{tag}.zero_point_term"],
                                  name=f"{tag}/ZeroPointTerm"),
@@ -1343,7 +1386,8 @@ def per_tensor_parity(qm: QuantizedModel, path, batch: dict, threads: int = 2) -
     try:
         for n, v in acts.items():
             q = qm.quantizers[n]
-            object.__setattr__(q, "forward", _Forced(q, got[v["tensor"]], rows))
+            codes = got[v["tensor"]].astype(np.int64) - v.get("code_shift", 0)  # symmetric per-token: uint8 + 128
+            object.__setattr__(q, "forward", _Forced(q, codes, rows))
             patched.append(q)
         forced = qm(**model_inputs(batch))
     finally:
