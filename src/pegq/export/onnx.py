@@ -515,13 +515,11 @@ def _lower_markers(model, qm: QuantizedModel, names_map: dict, weight_dtype: str
                          "scale": float(s[0]), "zero_point": int(z[0]), "symmetric": q.symmetric,
                          "smoothed": q.smooth is not None, "shifted": q.shift is not None}
             if q.granularity.dynamic:  # no constant scale: per-row tensors computed at run time
+                zp_tensor = f"{tag}.zero" if nonneg else f"{tag}.centre" if q.symmetric else f"{tag}.row_zero_point"
                 info[tag].update(granularity="token", scale=None, zero_point=None, scale_tensor=f"{tag}.row_scale",
-                                 zero_point_tensor=f"{tag}.zero" if nonneg else f"{tag}.row_zero_point",
-                                 dequantized=dq_out, code_shift=shift,
+                                 zero_point_tensor=zp_tensor, dequantized=dq_out, code_shift=shift,
                                  centre=f"{tag}.centre", centre_u8=f"{tag}.centre_u8", nonneg=nonneg,
                                  constant_zero_point=nonneg or q.symmetric)
-                if q.symmetric:
-                    info[tag]["zero_point_tensor"] = f"{tag}.centre"
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(new_inits)
@@ -579,17 +577,16 @@ def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, cen
     mk = helper.make_node
     nodes = [mk("ReduceMax", [x_in, c["axes"]], [v["max"]], keepdims=1, name=f"{tag}/ReduceMax"),
              mk("Max", [v["max"], c["zero"]], [v["hi"]], name=f"{tag}/Hi")]
-    if sym:  # width = max |x| = max(-lo, hi)
-        nodes += [mk("ReduceMin", [x_in, c["axes"]], [v["min"]], keepdims=1, name=f"{tag}/ReduceMin"),
-                  mk("Min", [v["min"], c["zero"]], [v["lo"]], name=f"{tag}/Lo"),
-                  mk("Neg", [v["lo"]], [v["neg"]], name=f"{tag}/NegLo"),
-                  mk("Max", [v["hi"], v["neg"]], [v["width"]], name=f"{tag}/AbsMax")]
-    elif nonneg:
+    if nonneg:
         v["width"] = v["hi"]
     else:
         nodes += [mk("ReduceMin", [x_in, c["axes"]], [v["min"]], keepdims=1, name=f"{tag}/ReduceMin"),
-                  mk("Min", [v["min"], c["zero"]], [v["lo"]], name=f"{tag}/Lo"),
-                  mk("Sub", [v["hi"], v["lo"]], [v["width"]], name=f"{tag}/Width")]
+                  mk("Min", [v["min"], c["zero"]], [v["lo"]], name=f"{tag}/Lo")]
+        if sym:  # width = max |x| = max(-lo, hi)
+            nodes += [mk("Neg", [v["lo"]], [v["neg"]], name=f"{tag}/NegLo"),
+                      mk("Max", [v["hi"], v["neg"]], [v["width"]], name=f"{tag}/AbsMax")]
+        else:
+            nodes.append(mk("Sub", [v["hi"], v["lo"]], [v["width"]], name=f"{tag}/Width"))
     nodes += [mk("Div", [v["width"], c["range"]], [v["step"]], name=f"{tag}/Step"),
               mk("Max", [v["step"], c["eps"]], [v["row_scale"]], name=f"{tag}/RowScale"),
               mk("Reciprocal", [v["row_scale"]], [v["inv"]], name=f"{tag}/InvScale"),
@@ -669,7 +666,7 @@ def _lower_token_matmuls(g: _Graph, info: dict) -> tuple[int, int]:
         tag = mm.name or mm.output[0]
         # every row's zero-point is c0 (0 for a softmax output, 2^(bits-1) for symmetric codes stored as uint8):
         # no zero-point term, no column sums
-        const_zp = bool(v.get("constant_zero_point", v.get("nonneg")))
+        const_zp = bool(v.get("constant_zero_point"))  # absent: a per-row zero-point
         b = _token_matmul_b(g, mm, tag, sums_needed=not const_zp)
         if b is None:
             left += 1
