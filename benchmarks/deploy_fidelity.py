@@ -87,6 +87,9 @@ def main(argv=None) -> int:
                          "AVX-512 VNNI, where ORT's u8 x s8 kernel saturates pairs of products; exact: uint8 only "
                          "for weights with a pair that can saturate)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--save-dir", default=None, metavar="DIR",
+                    help="also save every AdaRound / GPTQ / bias-corrected model under DIR (pegq.qat.save_quantized: "
+                         "`pegq export onnx` and `pegq eval` read it), so a later export needs no rerun")
     args = ap.parse_args(argv)
     if args.gptq_scales is not None:
         try:
@@ -109,6 +112,7 @@ def main(argv=None) -> int:
     from pegq.io import atomic_write_json
     from pegq.models import load_model
     from pegq.pipeline import calibration_batches, config_from_cli
+    from pegq.qat import save_quantized
     from pegq.quant.adaround import AdaRoundConfig
     from pegq.quant.gptq import GPTQConfig
 
@@ -149,7 +153,12 @@ def main(argv=None) -> int:
         console.print(f"{name}: cosine {rows[name]['cosine']:.4f}, accuracy {rows[name]['accuracy']:.2f}")
 
     def on_ort(qm, name: str) -> None:
-        path = Path(f"runs/bench/deploy_fidelity-{args.model}-{name.split()[0].lower()}.onnx")
+        slug = name.split()[0].lower()
+        if args.save_dir and slug != "preset":
+            out = save_quantized(qm, tok, Path(args.save_dir) / f"{args.model}-{args.preset}-{slug}", qm.config,
+                                 info={"benchmark": "deploy_fidelity", "row": name, "command": " ".join(sys.argv)})
+            console.print(f"{name}: saved -> {out}")
+        path = Path(f"runs/bench/deploy_fidelity-{args.model}-{slug}.onnx")
         try:
             export_onnx(qm, path, weight_dtype=args.weight_dtype)
         except ValueError as e:  # ExportError / RewriteError: a layout the int8 export cannot run

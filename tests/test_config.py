@@ -158,3 +158,32 @@ def test_per_token_override_keeps_smoothing_and_is_refused_on_weights(minilm_pat
     with pytest.raises(ConfigError, match=r"attn\.query\.weight: per-token \(dynamic\) ranges are for activations"):
         pegq.quantize(load_model(minilm_path, num_labels=2)[0], "w8a8",
                       overrides=["encoder.layer.0.attn.query.weight=token"])
+
+
+def test_fixed_zero_point_token_is_checked_and_round_trips(minilm_path):
+    """``zp<N>``: a per-token quantizer whose rows share the zero-point N; refused (one line each) where it cannot
+    apply; a later granularity or ``sym`` ends an inherited one; the config round-trips through JSON."""
+    from pegq.quant import PerToken
+
+    o = parse_override("encoder.layer.*intermediate=token,zp64")
+    assert (o.granularity, o.zero_point) == ("token", 64) and parse_override(o.text()) == o
+    s = o.apply(QuantizerSettings())
+    assert s.make_granularity() == PerToken(zero_point=64) and s.short() == "8b,asym,token,zp64,current_minmax"
+    assert parse_override("x=tensor").apply(s).zero_point is None
+    assert parse_override("x=sym").apply(s).zero_point is None
+    assert parse_override("x=a7").apply(s).zero_point == 64
+    for text, msg in [("x=token,zp0", "N >= 1"),
+                      ("x=tensor,zp8", "needs an asymmetric per-token quantizer, not tensor"),
+                      ("x=token,sym,zp8", "not symmetric token"),
+                      ("x=token,a4,zp15", r"inside the 4-bit grid \(1\.\.14\)")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_override(text).apply(QuantizerSettings())
+    c = get_preset("sq-token-zp-gemm")
+    assert QuantConfig.from_json(c.to_json()) == c
+    import pegq
+    from pegq.models import load_model
+
+    qm = pegq.quantize(load_model(minilm_path, num_labels=2)[0], c)
+    assert qm.quantizers["encoder.layer.3.ffn.intermediate"].granularity == PerToken(zero_point=64)
+    ln = qm.quantizers["encoder.layer.3.attn.layernorm"]
+    assert ln.symmetric and ln.granularity == PerToken()

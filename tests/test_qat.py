@@ -208,3 +208,27 @@ def test_distill_loss_mixes_task_loss_and_kl_to_the_teacher():
     assert float(distill_loss(teacher, 1.0)({"x": torch.tensor([[2.0], [3.0]])}, reg)) == pytest.approx(0.5)
     with pytest.raises(ConfigError, match="distill"):
         QATConfig(distill=1.5)
+
+
+def test_a_smoothed_per_token_model_round_trips_through_save_quantized(minilm_path, rt, tmp_path):
+    """``save_quantized`` of a calibrated ``sq-token-zp-gemm`` MiniLM: the Q/K/V weight quantizers of a smoothed
+    input hold one smoothing vector between them (safetensors refused to write shared tensors), and the FFN hidden
+    activation's fixed zero-point needs its calibrated min back; the loaded model gives the same logits."""
+    import pegq
+    from pegq.data import encode, make_loader
+    from pegq.models import load_model
+    from pegq.qat import save_quantized
+
+    model, tok = load_model(minilm_path, num_labels=2)
+    qm = pegq.quantize(model, "sq-token-zp-gemm")
+    pegq.calibrate(qm, [dict(tok(list(rt.train.text_a[:8]), padding=True, return_tensors="pt"))],
+                   progress=False)
+    q, k = (qm.quantizers[f"encoder.layer.0.attn.{n}.weight"] for n in ("query", "key"))
+    assert q.smooth is not None and q.smooth.data_ptr() == k.smooth.data_ptr()
+    out = save_quantized(qm, tok, tmp_path / "zp", qm.config)
+    loaded, _, meta = load_quantized(out)
+    assert meta["quantizers"]["encoder.layer.0.ffn.intermediate"]["granularity"] == {"kind": "token", "zero_point": 64}
+    loader = make_loader(encode(rt.dev[:16], tok, rt.spec), batch_size=8)
+    want, _ = pegq.predict(qm, loader, progress=False)
+    got, _ = pegq.predict(loaded, loader, progress=False)
+    assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))

@@ -22,6 +22,10 @@ TOKENs, case-insensitive:
 ``tensor``             per-tensor granularity
 ``token``              activations only: dynamic per-token ranges (one range per vector along
                        the last axis, taken at run time; not in the paper)
+``zp<N>``              with ``token`` (asymmetric): every row shares the zero-point N; a row's scale
+                       covers its max and the calibrated per-tensor min (``PerToken.zero_point``:
+                       no per-row zero-point correction in the integer matmuls; e.g. ``zp32`` on
+                       a GELU output, whose min is -0.17 in every row)
 ``channel[AXIS]``      per-channel (default axis 0)
 ``emb``/``embedding``  per-embedding (last dim, paper eq. 4)
 ``peg<K>``             per-embedding-group with K groups (eq. 5); ``peg<K>p`` adds the
@@ -76,7 +80,8 @@ Presets (``pegq presets``; a preset name goes wherever a config path does):
   ``peg-outlier-gemm``, but every LayerNorm output a matmul reads -- Q/K/V input and FFN input -- per-tensor
   with smoothing, ``sq0.8``, instead of PEG), ``sq-token-gemm`` (as ``sq-gemm`` with dynamic per-token
   ranges on every encoder Linear's input), ``sq-token-probs-gemm`` (+ per-token attention probabilities),
-  ``sq-token-sym-gemm`` (+ symmetric per-token LayerNorm outputs: no per-row zero-point correction).
+  ``sq-token-sym-gemm`` (+ symmetric per-token LayerNorm outputs: no per-row zero-point correction),
+  ``sq-token-zp-gemm`` (+ one fixed zero-point, 64, for every row of the FFN hidden activation).
 """
 
 from __future__ import annotations
@@ -122,6 +127,7 @@ class QuantizerSettings:
     momentum: float = 0.9
     smooth: float | str | None = None  # activations: SmoothQuant migration strength in (0, 1] or "auto"
     shift: bool = False  # with smooth: centre each dim first (pegq.smooth)
+    zero_point: int | None = None  # token: every row's fixed zero-point (PerToken.zero_point); None = per row
 
     def __post_init__(self):
         if self.bits is not None and (
@@ -152,6 +158,16 @@ class QuantizerSettings:
         if self.shift and self.smooth is None:
             raise ConfigError("shift needs smoothing on the same quantizer (e.g. sq0.8,shift): the readers' weights "
                               "and biases absorb it together")
+        z = self.zero_point
+        if z is not None:
+            if isinstance(z, bool) or not isinstance(z, int) or z < 1:
+                raise ConfigError(f"zero_point={z!r} is not allowed; use a positive integer (zp32) or null")
+            if self.granularity != "token" or self.symmetric:
+                raise ConfigError(f"a fixed zero-point (zp{z}) needs an asymmetric per-token quantizer, not "
+                                  f"{'symmetric ' if self.symmetric else ''}{self.granularity}; e.g. token,asym,zp{z}")
+            if self.bits is not None and z >= 2**self.bits - 1:
+                raise ConfigError(f"a fixed zero-point {z} does not fit inside the {self.bits}-bit grid (1.."
+                                  f"{2**self.bits - 2}); pick a smaller one, e.g. zp{max(1, 2 ** (self.bits - 3))}")
         if self.granularity == "peg" and self.outliers and (self.outliers < 0 or self.groups < 2):
             raise ConfigError(
                 f"a PEG outlier group (outliers={self.outliers}) needs outliers > 0 and groups >= 2, got "
@@ -166,13 +182,14 @@ class QuantizerSettings:
         if self.granularity == "embedding":
             return PerEmbedding()
         if self.granularity == "token":
-            return PerToken()
+            return PerToken(zero_point=self.zero_point)
         return PerEmbeddingGroup(self.groups, self.permute, self.outliers)
 
     def short(self) -> str:
         if self.bits is None:
             return "off"
-        g = {"tensor": "tensor", "channel": f"channel{self.axis}", "embedding": "emb", "token": "token"}.get(
+        token = "token" if self.zero_point is None else f"token,zp{self.zero_point}"
+        g = {"tensor": "tensor", "channel": f"channel{self.axis}", "embedding": "emb", "token": token}.get(
             self.granularity, _peg_token(self.groups, self.permute, self.outliers)
         )
         sq = f",{sq_token(self.smooth)}{',shift' if self.shift else ''}" if self.smooth is not None else ""
@@ -194,6 +211,7 @@ class Override:
     estimator: str | None = None
     smooth: float | None | str = "keep"  # "keep" = unchanged; None = no smoothing; else alpha or "auto"
     shift: bool | None = None  # None = unchanged
+    zero_point: int | None = None  # token: a fixed per-row zero-point (zp<N>); None = unchanged
     optional: bool = False  # a preset's pattern that may match nothing on some families (no error)
 
     def apply(self, s: QuantizerSettings) -> QuantizerSettings:
@@ -210,6 +228,10 @@ class Override:
             changes["smooth"] = None  # a new granularity (or off) ends an inherited smoothing
         if self.shift is not None:
             changes["shift"] = self.shift
+        if self.zero_point is not None:
+            changes["zero_point"] = self.zero_point
+        elif changes.get("granularity", "token") != "token" or changes.get("symmetric") is True:
+            changes["zero_point"] = None  # another granularity, or a symmetric grid, ends an inherited one
         if changes.get("smooth", s.smooth) is None:
             changes["shift"] = False  # no smoothing, no shift
         return dataclasses.replace(s, **changes)
@@ -231,6 +253,8 @@ class Override:
             toks.append("tensor")
         elif self.granularity == "token":
             toks.append("token")
+        if self.zero_point is not None:
+            toks.append(f"zp{self.zero_point}")
         if self.estimator:
             toks.append({"current_minmax": "minmax", "running_minmax": "running"}.get(
                 self.estimator, self.estimator))
@@ -258,6 +282,7 @@ def _peg_token(groups: int, permute: bool, outliers: int) -> str:
     """``peg<K>[p][o<M>]``: K groups, range-based permutation, a last group of M outlier dims."""
     return f"peg{groups}{'p' if permute else ''}{f'o{outliers}' if outliers else ''}"
 _CHANNEL_RE = re.compile(r"^channel(\d*)$")
+_ZP_RE = re.compile(r"^zp(\d+)$")
 _SQ_RE = re.compile(r"^sq(\d*\.?\d*)$")
 
 
@@ -313,6 +338,10 @@ def parse_override(text: str) -> Override:
             o.smooth = "auto"
         elif t in ("shift", "noshift"):
             o.shift = t == "shift"
+        elif m := _ZP_RE.match(t):
+            o.zero_point = int(m.group(1))
+            if o.zero_point < 1:
+                raise ConfigError(f"override {text!r}: a fixed zero-point needs N >= 1, e.g. zp32")
         elif m := _SQ_RE.match(t):
             try:
                 a = float(m.group(1)) if m.group(1) else 0.5
@@ -327,9 +356,8 @@ def parse_override(text: str) -> Override:
             except ValueError:
                 raise ConfigError(
                     f"override {text!r}: unknown token {t!r}; allowed: off, a<bits>/w<bits>, tensor, "
-                    f"channel[AXIS], emb, peg<K>[p][o<M>], sq<alpha>, sqauto, nosq, shift, noshift, minmax, running, "
-                    f"mse, sym, asym, "
-                    f"optional"
+                    f"token, zp<N>, channel[AXIS], emb, peg<K>[p][o<M>], sq<alpha>, sqauto, nosq, shift, noshift, "
+                    f"minmax, running, mse, sym, asym, optional"
                 ) from None
     return o
 
@@ -679,6 +707,12 @@ _DEPLOY["sq-token-sym-gemm"] = (
     "one is the FFN's first Linear, 3072 outputs per token); exported as uint8 codes + 128",
     [*_DEPLOY["sq-token-probs-gemm"][1], f"{FFN_INPUT}=sym", f"{QKV_INPUT}=sym,optional",
      "embeddings.layernorm=sym,optional"])
+_DEPLOY["sq-token-zp-gemm"] = (
+    "int8 deployment (not in the paper): as sq-token-sym-gemm, and the FFN hidden activation (the GELU output, "
+    "whose min is about -0.17 in every row) keeps one zero-point for every row, 64 (zp64: each row's scale covers "
+    "its max and the calibrated min): the largest per-token tensor gets no per-row zero-point and no per-row min; "
+    "its integer matmul (the FFN's second Linear) no zero-point correction",
+    [*_DEPLOY["sq-token-sym-gemm"][1], f"{FFN_HIDDEN}=zp64"])
 
 
 def _deploy_factory(name: str):

@@ -276,7 +276,9 @@ def save_quantized(qm, tokenizer, output_dir: str | Path, config: QuantConfig, i
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in qm.quantizer_modules.state_dict().items()}
+    # cloned: quantizers may share a tensor (the Q/K/V weight quantizers of a smoothed input hold one smoothing
+    # vector), which safetensors refuses to write
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in qm.quantizer_modules.state_dict().items()}
     specs = {n: {**q.spec(), "state": q.state.value} for n, q in qm.quantizers.items()}
     meta = {"format": FORMAT, "config": config.to_dict(), "quantizers": specs, "family": qm.family,
             "info": info or {}}

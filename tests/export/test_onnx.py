@@ -444,23 +444,33 @@ def test_minilm_sq_token_gemm_runs_per_token_codes_on_int8_kernels(minilm, tmp_p
     assert par["output_max_abs_diff"] <= 0.05
 
 
-def test_minilm_symmetric_per_token_layernorm_outputs_need_no_zero_point_term(minilm, tmp_path):
-    """The real MiniLM with ``sq-token-sym-gemm``: the LayerNorm outputs (Q/K/V and FFN inputs) are symmetric per
-    token, stored as uint8 + 128, so the integer matmuls reading them subtract that one zero-point and need no
-    rank-1 term (only the context and FFN hidden readers keep one). Their bias ``Add`` stays out of ORT's
+def test_minilm_constant_zero_point_per_token_rows_need_no_zero_point_term(minilm, tmp_path):
+    """The real MiniLM with ``sq-token-zp-gemm``: the LayerNorm outputs (Q/K/V and FFN inputs) are symmetric per
+    token, stored as uint8 + 128, and the FFN hidden activation's rows share the zero-point 64 (no per-row min), so
+    the integer matmuls reading them subtract that one zero-point and need no rank-1 term (only the context readers
+    keep one; the context's codes come from one per-axis ``QuantizeLinear``). Their bias ``Add`` stays out of ORT's
     ``MatMulIntegerToFloat`` (which would scale it by the row scale): the row scale is a ``Mul`` after the fused
     matmul and the FFN's bias fuses with its Gelu instead. Per-tensor parity and the logits match the simulation."""
     import onnx
+    from onnx import helper
 
-    qm, tok = _minilm_calibrated(minilm, "sq-token-sym-gemm")
+    qm, tok = _minilm_calibrated(minilm, "sq-token-zp-gemm")
     info = export_onnx(qm, tmp_path / "sym.onnx", weight_dtype="uint8")
     assert info["folds"]["token_matmul"] == 6 * 7 and info["folds"]["token_matmul_left"] == 0
     graph = onnx.load(info["path"]).graph
     zp_terms = [n.name for n in graph.node if n.name.endswith("/ZeroPointTerm")]
-    assert len(zp_terms) == 6 * 2 and all("/attention/output/" in n or "/output/dense/" in n for n in zp_terms)
+    assert len(zp_terms) == 6 and all("/attention/output/" in n for n in zp_terms), zp_terms
+    nodes = {n.name: n for n in graph.node}
+    assert "encoder.layer.0.ffn.intermediate/ReduceMin" not in nodes
+    assert "encoder.layer.0.attn.context/ReduceMin" in nodes
+    assert "encoder.layer.0.attn.context/AddZeroPoint" not in nodes
+    per_axis = nodes["encoder.layer.0.attn.context/QuantizeLinear"]
+    assert [helper.get_attribute_value(a) for a in per_axis.attribute if a.name == "axis"] == [0]
     meta = metadata(info["path"])["pegq.quantizers"]
     assert meta["encoder.layer.0.attn.layernorm"]["symmetric"] and meta["encoder.layer.0.attn.layernorm"]["code_shift"]
-    assert not meta["encoder.layer.0.ffn.intermediate"]["constant_zero_point"]
+    hidden = meta["encoder.layer.0.ffn.intermediate"]
+    assert hidden["constant_zero_point"] and hidden["code_shift"] == 0 and not hidden["symmetric"]
+    assert not meta["encoder.layer.0.attn.context"]["constant_zero_point"]
     opt = tmp_path / "sym_opt.onnx"
     session(info["path"], optimized_path=opt)
     fused = onnx.load(str(opt)).graph.node
@@ -539,26 +549,32 @@ def test_per_token_activations_above_8_bits_say_why_not_exportable(tmp_path, one
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.parametrize("preset", ["sq-token-sym-gemm", "sq-token-zp-gemm"])
 @pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert", "mobilebert"])
-def test_symmetric_per_token_activations_export_on_every_family(family, tmp_path, one_thread):
-    """``sq-token-sym-gemm`` (symmetric per-token LayerNorm outputs) on a random-init model of each family: the
-    symmetric quantizers' codes are uint8 + 128 with no per-row zero-point, their readers are integer matmuls with
-    no zero-point term, and ORT matches the simulation per tensor."""
+def test_constant_zero_point_per_token_activations_export_on_every_family(family, preset, tmp_path, one_thread):
+    """Per-token quantizers whose rows share one zero-point -- symmetric LayerNorm outputs (``sq-token-sym-gemm``:
+    uint8 codes + 128) and, with ``sq-token-zp-gemm``, the FFN hidden activation's fixed zero-point 64 -- on a
+    random-init model of each family: their readers are integer matmuls with no zero-point term, and ORT matches
+    the simulation per tensor."""
     import onnx
     from models_helpers import pad_id_of, padded_batch, tiny_model
 
     m = tiny_model(family, True)
-    qm = pegq.quantize(m, "sq-token-sym-gemm")
+    qm = pegq.quantize(m, preset)
     pegq.calibrate(qm, [padded_batch(pad_id_of(m), seed=1)], progress=False)
-    sym = [n for n, q in qm.quantizers.items() if q.enabled and q.granularity.kind == "token" and q.symmetric]
-    assert sym
+    token = {n: q for n, q in qm.quantizers.items() if q.enabled and q.granularity.kind == "token"}
+    sym = [n for n, q in token.items() if q.symmetric]
+    fixed = [n for n, q in token.items() if q.granularity.zero_point is not None]
+    assert sym and bool(fixed) == (preset == "sq-token-zp-gemm")
     info = export_onnx(qm, tmp_path / f"{family}.onnx", weight_dtype="uint8")
     assert info["folds"]["token_matmul"] > 0 and info["folds"]["token_matmul_left"] == 0, info["folds"]
     meta = metadata(info["path"])["pegq.quantizers"]
     assert all(meta[n]["constant_zero_point"] and meta[n]["code_shift"] == 128 and meta[n]["dtype"] == "uint8"
                for n in sym)
+    assert all(meta[n]["constant_zero_point"] and meta[n]["code_shift"] == 0 for n in fixed)
     graph = onnx.load(info["path"]).graph
-    sym_codes = {meta[n]["tensor"] for n in sym}
+    assert not [n for n in graph.node if n.name in {f"{f}/ReduceMin" for f in fixed}]
+    sym_codes = {meta[n]["tensor"] for n in sym + fixed}
     readers = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[0] in sym_codes]
     assert readers and not [n for n in graph.node if n.name.endswith("/ZeroPointTerm")
                             and n.name.rsplit("/", 1)[0] in {r.name.rsplit("/", 1)[0] for r in readers}]
@@ -581,6 +597,18 @@ def test_symmetric_per_token_below_8_bits_codes_stay_on_their_grid(tmp_path, one
     assert codes.min() >= 0 and codes.max() <= 63
     # each row's largest magnitude is +-31 steps: stored as 1 (negative) or 63 (positive)
     assert ((codes.min(-1) == 1) | (codes.max(-1) == 63)).all()
+
+
+def test_fixed_zero_point_below_8_bits_codes_stay_on_their_grid(tmp_path, one_thread):
+    """A 4-bit FFN hidden activation with the fixed zero-point 12: codes 0..15 (a ``Clip`` of the steps to -12..3
+    before the uint8 ``QuantizeLinear`` adds 12), matching the simulation per tensor."""
+    qm, batch = _tiny("sq-token-zp-gemm", ["encoder.layer.*intermediate=4,zp12"])
+    info = export_onnx(qm, tmp_path / "z4.onnx", weight_dtype="uint8")
+    par = per_tensor_parity(prepare(qm), info["path"], batch)
+    assert par["max_steps"] <= 1 and par["forced_output_max_abs_diff"] <= 1e-5, par["tensors"]
+    sess = session(info["path"], extra_outputs=["encoder.layer.0.ffn.intermediate.q"])
+    codes = sess.run(["encoder.layer.0.ffn.intermediate.q"], feeds(batch, metadata(info["path"])["pegq.inputs"]))[0]
+    assert codes.min() >= 0 and codes.max() == 15  # the largest rows reach the top step
 
 
 def test_per_token_below_8_bits_clips_codes_to_its_grid(tmp_path, one_thread):

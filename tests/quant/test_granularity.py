@@ -240,3 +240,65 @@ def test_per_token_has_no_range_to_learn():
     q(_x((2, 3, 8)))
     with pytest.raises(ValueError, match=r"ffn\.hidden: a per-token \(dynamic\) quantizer has no range to learn"):
         q.learn_ranges()
+
+
+# ----------------------------------------------------------------------------- per-token, fixed zero-point
+
+
+@SETTINGS
+@given(
+    rows=st.integers(1, 6),
+    d=st.integers(2, 40),
+    top=st.floats(1e-2, 1e3),
+    floor=st.floats(0.0, 2.0),
+    zero_point=st.integers(1, 128),
+    seed=st.integers(0, 2**16),
+)
+def test_fixed_zero_point_rows_share_it_and_cover_their_max_and_the_calibrated_min(rows, d, top, floor, zero_point,
+                                                                                  seed):
+    """``PerToken(zero_point=z)``: every row's zero-point is ``z``; its scale is the smaller one that still puts the
+    row's max on the top step (``max / (255 - z)``) and the calibrated min on the bottom one (``-min / z``): nothing
+    at or above the calibrated min clips, every element is within half of its row's step, and 0 is exact."""
+    from pegq.quant import PerToken
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(rows, 3, d, generator=g) * (top + floor) - floor  # in [-floor, top)
+    x[..., 0] = -floor  # the floor is reached in calibration (a GELU output's -0.17 is, in every row)
+    x[..., 1] = 0.0
+    q = Quantizer("t", 8, False, PerToken(zero_point=zero_point))
+    q(x)
+    q.freeze()
+    s, z = q.token_qparams(x)
+    assert torch.equal(z, torch.full_like(s, float(zero_point)))
+    want = torch.maximum(x.amax(-1, keepdim=True).clamp_min(0) / (255 - zero_point), torch.tensor(floor / zero_point))
+    assert torch.allclose(s, want.clamp_min(1e-8), rtol=1e-6)
+    y = q(x)
+    assert torch.all((y - x).abs() <= s / 2 * (1 + 1e-4) + 1e-6 * x.abs())
+    assert torch.all(y[..., 1] == 0)
+    codes = torch.round(x / s) + z
+    assert codes.min() >= 0 and codes.max() <= 255
+    # below the calibrated min the grid ends: such values clip to the bottom step
+    low = q(torch.full((1, 1, d), -floor - 10 * float(s.max()) - 1.0))
+    assert torch.all(low >= -zero_point * s.max() * (1 + 1e-5))
+
+
+def test_fixed_zero_point_settings_are_checked_and_round_trip():
+    from pegq.quant import PerToken
+
+    g = PerToken(zero_point=64)
+    assert granularity_from_dict(g.to_dict()) == g and g.to_dict() == {"kind": "token", "zero_point": 64}
+    assert g.describe() == "token(zero_point=64)" and hash(g)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            PerToken(zero_point=bad)
+    with pytest.raises(ValueError, match=r"ffn\.hidden: a fixed per-token zero-point \(64\) needs an asymmetric"):
+        Quantizer("ffn.hidden", 8, True, g)
+    with pytest.raises(ValueError, match=r"ffn\.hidden: a fixed per-token zero-point 64 is outside 1\.\.14"):
+        Quantizer("ffn.hidden", 4, False, g)
+    q = Quantizer("ffn.hidden", 8, False, g)
+    with pytest.raises(ValueError, match=r"outside 1\.\.14, the inside of the 4-bit grid"):
+        q.configure(bits=4)  # refused before anything changes
+    assert q.bits == 8
+    q.configure(bits=4, granularity=PerToken(zero_point=4))
+    with pytest.raises(ValueError, match="needs the calibrated min; calibrate first"):
+        q.token_qparams(torch.ones(2, 3))

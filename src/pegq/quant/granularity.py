@@ -90,10 +90,22 @@ class PerTensor(Granularity):
 class PerToken(Granularity):
     """Dynamic per-token quantization: every vector along the last axis gets its own range, taken from the
     tensor at every forward (so nothing clips). Range estimation (calibration) records the per-tensor range,
-    for reports only; the quantizer never uses it to quantize."""
+    for reports only; the quantizer never uses it to quantize.
 
+    ``zero_point`` (asymmetric quantizers only): every row shares this one integer zero-point ``z`` instead of its
+    own, so an integer matmul reading the codes needs no per-row zero-point correction. A row's scale is then the
+    smallest that puts both its max on the grid's top (``max / (qmax - z)``) and the calibrated per-tensor min on
+    its bottom (``-min / z``): nothing above the calibrated min clips, and 0 stays exact. Meant for tensors with a
+    small fixed floor and varying tops, such as a GELU output (min -0.17 whatever the row)."""
+
+    zero_point: int | None = None
     kind = "token"
     dynamic = True
+
+    def __post_init__(self):
+        z = self.zero_point
+        if z is not None and (isinstance(z, bool) or not isinstance(z, int) or z < 1):
+            raise ValueError(f"PerToken zero_point must be a positive integer (or None), got {z!r}")
 
     def num_params(self, shape):
         return 1
@@ -116,7 +128,10 @@ class PerToken(Granularity):
         return p.reshape(())
 
     def to_dict(self):
-        return {"kind": self.kind}
+        return {"kind": self.kind, **({"zero_point": self.zero_point} if self.zero_point is not None else {})}
+
+    def describe(self):
+        return self.kind if self.zero_point is None else f"token(zero_point={self.zero_point})"
 
 
 @dataclass(frozen=True)
@@ -331,7 +346,8 @@ def granularity_from_dict(d: dict) -> Granularity:
     if kind == "embedding":
         return PerEmbedding()
     if kind == "token":
-        return PerToken()
+        z = d.get("zero_point")
+        return PerToken(zero_point=None if z is None else int(z))
     if kind == "peg":
         return PerEmbeddingGroup(groups=int(d["groups"]), permute=bool(d.get("permute", False)),
                                  outliers=int(d.get("outliers", 0)))

@@ -98,6 +98,19 @@ def _check_granularity(granularity, name: str) -> Granularity:
     return granularity
 
 
+def _check_fixed_zero_point(bits: int | None, symmetric: bool, granularity: Granularity, name: str) -> None:
+    """A per-token quantizer with a fixed zero-point: asymmetric, with the zero-point inside the grid."""
+    z = getattr(granularity, "zero_point", None)
+    if z is None or bits is None:
+        return
+    if symmetric:
+        raise ValueError(f"{name}: a fixed per-token zero-point ({z}) needs an asymmetric quantizer; a symmetric "
+                         f"one already shares its zero-point (drop one of the two)")
+    if not 1 <= z < 2**bits - 1:
+        raise ValueError(f"{name}: a fixed per-token zero-point {z} is outside 1..{2**bits - 2}, the inside of the "
+                         f"{bits}-bit grid; pick one there (e.g. {max(1, 2 ** (bits - 3))})")
+
+
 class Quantizer(nn.Module):
     def __init__(
         self,
@@ -114,6 +127,7 @@ class Quantizer(nn.Module):
         self.bits = normalize_bits(bits, name)
         self.symmetric = _check_symmetric(symmetric, name)
         self.granularity = _check_granularity(granularity, name)
+        _check_fixed_zero_point(self.bits, self.symmetric, self.granularity, name)
         self.estimator = RangeEstimator(estimator, momentum, mse_candidates, name=name)
         self.state = QuantState.ESTIMATING
         self.register_buffer("x_min", None)
@@ -154,6 +168,8 @@ class Quantizer(nn.Module):
                 self.estimator.mse_candidates,
                 name=self.name,
             )
+        _check_fixed_zero_point(self.bits if bits is ... else bits, self.symmetric if symmetric is ... else symmetric,
+                                self.granularity if granularity is ... else granularity, self.name)
         # validated everything: now apply
         if bits is not ...:
             self.bits = bits
@@ -435,7 +451,15 @@ class Quantizer(nn.Module):
         """Dynamic (:class:`~pegq.quant.granularity.PerToken`): ``(scale, zero_point)`` of every vector along the
         last axis of ``x`` (the tensor as the grid sees it: smoothed), shaped like ``x`` with the last dim 1."""
         mn, mx = self.granularity.token_minmax(x.detach())
-        return qparams_from_range(mn, mx, self.bits, self.symmetric)
+        z = self.granularity.zero_point
+        if z is None:
+            return qparams_from_range(mn, mx, self.bits, self.symmetric)
+        # fixed zero-point z: the row's max on the top step, the calibrated min (not the row's) on the bottom one
+        if self.x_min is None:
+            raise ValueError(f"{self.name}: a fixed per-token zero-point needs the calibrated min; calibrate first")
+        floor = (-self.x_min.to(mx)).clamp_min(0).reshape(()) / z
+        scale = torch.maximum(mx.clamp_min(0) / (self.qmax - z), floor).clamp_min(EPS_SCALE)
+        return scale, torch.full_like(scale, float(z))
 
     def _fake_quant_dynamic(self, x: torch.Tensor) -> torch.Tensor:
         # never LEARNING (learn_ranges refuses it); empty tensors returned earlier by _fake_quant
