@@ -561,15 +561,23 @@ def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, cen
     from ..quant.functional import EPS_SCALE
 
     lo_q, hi_q = q.qmin, q.qmax
+    sym = q.symmetric
+    fixed = q.granularity.zero_point
+    # the steps a row's range spans: qmax - qmin (asymmetric), qmax from 0 to max |x| (symmetric), or the steps
+    # above a fixed zero-point, whose floor keeps the calibrated min on the grid; the clip bounds of the unshifted
+    # codes x / s, where QuantizeLinear adds a fixed zero-point
+    if fixed is not None:
+        steps, floor, off = hi_q - fixed, float(q.token_scale_floor()), fixed
+    else:
+        steps, floor, off = (hi_q if sym else hi_q - lo_q), float(EPS_SCALE), 0
     c = {k: f"{tag}.{k}" for k in ("axes", "zero", "range", "eps", "qmin", "qmax", "one", "zero_u8")}
     inits = [
         helper.make_tensor(c["axes"], T.INT64, [1], [-1]),
         helper.make_tensor(c["zero"], T.FLOAT, [], [0.0]),
-        # the steps a row's range spans: qmax - qmin (asymmetric), or qmax from 0 to max |x| (symmetric)
-        helper.make_tensor(c["range"], T.FLOAT, [], [float(hi_q if q.symmetric else hi_q - lo_q)]),
-        helper.make_tensor(c["eps"], T.FLOAT, [], [float(EPS_SCALE)]),
-        helper.make_tensor(c["qmin"], T.FLOAT, [], [float(lo_q)]),
-        helper.make_tensor(c["qmax"], T.FLOAT, [], [float(hi_q)]),
+        helper.make_tensor(c["range"], T.FLOAT, [], [float(steps)]),
+        helper.make_tensor(c["eps"], T.FLOAT, [], [floor]),
+        helper.make_tensor(c["qmin"], T.FLOAT, [], [float(lo_q - off)]),
+        helper.make_tensor(c["qmax"], T.FLOAT, [], [float(hi_q - off)]),
         helper.make_tensor(c["one"], T.FLOAT, [], [1.0]),
         _int_tensor(np.array(0, dtype=np.uint8), c["zero_u8"], T.UINT8),
         # the integer matmuls subtract this one zero-point (the calibrated per-tensor one) and the rank-1 term
@@ -580,19 +588,10 @@ def _token_nodes(tag: str, x_in: str, q_out: str, dq_out: str, q: Quantizer, cen
     v = {k: f"{tag}.{k}" for k in ("min", "max", "lo", "hi", "width", "step", "row_scale", "lo_steps", "neg",
                                    "zr", "row_zero_point", "inv", "scaled", "codes_f", "centred")}
     nonneg = nonneg and lo_q == 0  # lo = 0: s = max(max x / qmax, eps), z = 0, q = round(clip(x / s, 0, qmax))
-    sym = q.symmetric
-    fixed = q.granularity.zero_point
     mk = helper.make_node
     nodes = [mk("ReduceMax", [x_in, c["axes"]], [v["max"]], keepdims=1, name=f"{tag}/ReduceMax"),
              mk("Max", [v["max"], c["zero"]], [v["hi"]], name=f"{tag}/Hi")]
-    if fixed is not None:  # the steps above the zero-point span the row's max; the floor keeps the calibrated min
-        v["width"] = v["hi"]
-        floor = ((-q.x_min.detach().float().cpu()).clamp_min(0).reshape(()) / fixed).clamp_min(EPS_SCALE)
-        inits[2] = helper.make_tensor(c["range"], T.FLOAT, [], [float(hi_q - fixed)])
-        inits[3] = helper.make_tensor(c["eps"], T.FLOAT, [], [float(floor)])
-        inits[4] = helper.make_tensor(c["qmin"], T.FLOAT, [], [float(lo_q - fixed)])
-        inits[5] = helper.make_tensor(c["qmax"], T.FLOAT, [], [float(hi_q - fixed)])
-    elif nonneg:
+    if fixed is not None or nonneg:  # the row's max alone sets the scale (with the floor, for a fixed zero-point)
         v["width"] = v["hi"]
     else:
         nodes += [mk("ReduceMin", [x_in, c["axes"]], [v["min"]], keepdims=1, name=f"{tag}/ReduceMin"),

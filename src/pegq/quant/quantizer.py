@@ -455,11 +455,17 @@ class Quantizer(nn.Module):
         if z is None:
             return qparams_from_range(mn, mx, self.bits, self.symmetric)
         # fixed zero-point z: the row's max on the top step, the calibrated min (not the row's) on the bottom one
+        scale = torch.maximum(mx.clamp_min(0) / (self.qmax - z), self.token_scale_floor().to(mx))
+        return scale, torch.full_like(scale, float(z))
+
+    def token_scale_floor(self) -> torch.Tensor:
+        """A fixed per-token zero-point ``z`` (:attr:`PerToken.zero_point`): the smallest row scale, ``max(-min / z,
+        eps)`` with ``min`` the calibrated per-tensor min, so that min stays on the grid's bottom step (a 0-d
+        float32 tensor; the ONNX export stores it as a constant)."""
         if self.x_min is None:
             raise ValueError(f"{self.name}: a fixed per-token zero-point needs the calibrated min; calibrate first")
-        floor = (-self.x_min.to(mx)).clamp_min(0).reshape(()) / z
-        scale = torch.maximum(mx.clamp_min(0) / (self.qmax - z), floor).clamp_min(EPS_SCALE)
-        return scale, torch.full_like(scale, float(z))
+        return ((-self.x_min.detach().float()).clamp_min(0).reshape(()) / self.granularity.zero_point).clamp_min(
+            EPS_SCALE)
 
     def _fake_quant_dynamic(self, x: torch.Tensor) -> torch.Tensor:
         # never LEARNING (learn_ranges refuses it); empty tensors returned earlier by _fake_quant
